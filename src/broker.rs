@@ -1,0 +1,119 @@
+//! The broker's shared state and the operations that span several parts of it.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::config::Config;
+use crate::expiry::TimerKind;
+use crate::mailbox::{Mailbox, QueueLimits};
+use crate::message::Message;
+use crate::packet::{ProtocolVersion, Will};
+use crate::registry::Registry;
+use crate::retain::RetainStore;
+use crate::router::Router;
+use crate::session::Session;
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+
+/// Everything the connection tasks share. Built once by `server::run`, then handed to each
+/// task as `Arc<Broker>`; dropped when the last task ends.
+#[derive(Debug)]
+pub struct Broker {
+    /// The validated configuration, read-only after start.
+    pub config: Arc<Config>,
+    /// Client ID -> session slot.
+    pub registry: Registry,
+    /// Topic filter index.
+    pub router: Router,
+    /// Retained messages.
+    pub retained: RetainStore,
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl Broker {
+    /// A broker with nothing in it.
+    pub fn new(config: Arc<Config>) -> Arc<Broker> {
+        Arc::new(Broker {
+            retained: RetainStore::new(config.retain.max_messages),
+            config,
+            registry: Registry::new(),
+            router: Router::default(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// A new empty session with this broker's queue limits.
+    pub fn new_session(
+        &self,
+        client_id: Arc<str>,
+        protocol: ProtocolVersion,
+        expiry_interval: u32,
+    ) -> Box<Session> {
+        let mailbox = Arc::new(Mailbox::new(QueueLimits::from(&self.config.session)));
+        Box::new(Session::new(client_id, protocol, mailbox, expiry_interval))
+    }
+
+    /// Publish an application message: update the retained store if it is retained, then queue
+    /// it for every matching session. Returns the number of sessions it was queued for.
+    pub fn publish(&self, msg: Message) -> usize {
+        let msg = Arc::new(msg);
+        if msg.retain {
+            self.retained.set(&msg, &self.stats);
+        }
+        self.router.route(&msg, &self.stats)
+    }
+
+    /// Publish a will message on behalf of `client_id`.
+    pub fn publish_will(&self, client_id: &Arc<str>, will: Will, now: Instant) {
+        debug!(client_id = %client_id, topic = %will.topic, "publishing will");
+        Stats::incr(&self.stats.wills_published);
+        let expires_at = will
+            .properties
+            .message_expiry_interval
+            .map(|s| now + std::time::Duration::from_secs(u64::from(s)));
+        self.publish(Message {
+            topic: will.topic,
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            properties: will.properties,
+            expires_at,
+            publisher: Some(client_id.clone()),
+        });
+    }
+
+    /// A session's lifetime is over: remove its subscriptions from the router and close its
+    /// queue, so nothing it held keeps memory alive.
+    pub fn end_session(&self, session: Box<Session>) {
+        for filter in session.subscriptions.keys() {
+            self.router
+                .unsubscribe(&session.client_id, filter, &session.mailbox);
+        }
+        session.mailbox.close();
+    }
+
+    /// The timer task: fires session-expiry (and will-delay) deadlines until shutdown.
+    pub async fn run_timers(self: Arc<Self>, mut shutdown: Shutdown) {
+        loop {
+            tokio::select! {
+                _ = shutdown.recv() => return,
+                _ = self.registry.timers.wait() => {}
+            }
+            for timer in self.registry.timers.take_due(Instant::now()) {
+                match timer.kind {
+                    TimerKind::SessionExpiry => {
+                        if let Some(session) = self.registry.expire(&timer) {
+                            info!(client_id = %timer.client_id, "session expired");
+                            Stats::incr(&self.stats.sessions_expired);
+                            self.end_session(session);
+                        }
+                    }
+                    TimerKind::WillDelay => {}
+                }
+            }
+        }
+    }
+}

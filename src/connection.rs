@@ -1,0 +1,457 @@
+//! One task per network connection: the CONNECT handshake, then one `select!` loop over reads,
+//! writes, the session's mailbox, keep-alive, takeover requests and shutdown, then an orderly
+//! end (will, parking or hand-over). Packet handling itself lives in `protocol`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+use tracing::{debug, field, info, info_span, warn, Instrument};
+
+use crate::broker::Broker;
+use crate::codec::{self, DecodeError};
+use crate::packet::{
+    ConnAck, ConnAckProperties, Connect, Disconnect, Packet, ProtocolVersion, ReasonCode,
+};
+use crate::protocol::{Conn, Exit};
+use crate::registry::{Claim, Control, Parked};
+use crate::session::{Session, EXPIRY_NEVER};
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+use crate::topic;
+
+/// How long a closing connection may spend flushing its last bytes (a final DISCONNECT, acks).
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause between two claims of a Client ID whose takeover is already in progress.
+const BUSY_RETRY: Duration = Duration::from_millis(5);
+/// Read buffer growth step.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Serve one accepted connection until it closes. Never panics on input; logs once at the end.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, shutdown: Shutdown) {
+    let span = info_span!("conn", %peer, client_id = field::Empty, proto = field::Empty);
+    async move {
+        Stats::incr(&broker.stats.connections_accepted);
+        broker
+            .stats
+            .connections_current
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Small MQTT packets must not wait for Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
+        run(stream, &broker, shutdown).await;
+        broker
+            .stats
+            .connections_current
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    .instrument(span)
+    .await
+}
+
+async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown) {
+    let config = &broker.config;
+    let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
+
+    let connect = tokio::select! {
+        _ = shutdown.recv() => return,
+        r = timeout(config.connect_timeout(), read_connect(&mut stream, &mut inbuf, config.listener.max_packet_size)) => match r {
+            Err(_) => {
+                debug!("no CONNECT within {:?}; closing", config.connect_timeout());
+                return;
+            }
+            Ok(Err(ConnectError::Closed)) => {
+                debug!("closed before CONNECT");
+                return;
+            }
+            Ok(Err(ConnectError::Io(e))) => {
+                debug!("read error before CONNECT: {e}");
+                return;
+            }
+            Ok(Err(ConnectError::Decode(DecodeError::UnsupportedProtocolVersion(level)))) => {
+                // [MQTT-3.1.2-2]: CONNACK 0x01 in the 3.1.1 format, then close.
+                warn!(level, "unsupported protocol level; refusing");
+                let ack = connack(false, ReasonCode::UNSUPPORTED_PROTOCOL_VERSION);
+                let mut out = BytesMut::new();
+                let _ = codec::encode(&ack, ProtocolVersion::V311, None, &mut out);
+                let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&out)).await;
+                return;
+            }
+            Ok(Err(ConnectError::Decode(e))) => {
+                Stats::incr(&broker.stats.protocol_errors);
+                warn!("bad CONNECT: {e}");
+                return;
+            }
+            Ok(Ok(c)) => c,
+        }
+    };
+
+    let span = tracing::Span::current();
+    span.record("proto", connect.protocol.level());
+    let protocol = connect.protocol;
+
+    let Some((client_id, assigned)) = client_identifier(&connect, broker) else {
+        info!(client_id = %connect.client_id, "client identifier rejected");
+        refuse(
+            &mut stream,
+            protocol,
+            ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+        )
+        .await;
+        return;
+    };
+    span.record("client_id", &*client_id);
+    if let Some(will) = &connect.will {
+        if !topic::valid_topic_name(&will.topic) {
+            warn!(topic = %will.topic, "invalid will topic");
+            Stats::incr(&broker.stats.protocol_errors);
+            if protocol.is_v5() {
+                refuse(&mut stream, protocol, ReasonCode::TOPIC_NAME_INVALID).await;
+            }
+            return;
+        }
+    }
+    if protocol.is_v5() && connect.properties.authentication_method.is_some() {
+        // Enhanced authentication is not offered.
+        refuse(&mut stream, protocol, ReasonCode::BAD_AUTHENTICATION_METHOD).await;
+        return;
+    }
+
+    let (control_tx, mut control_rx) = mpsc::channel::<Control>(4);
+    let Some((generation, old)) = claim(broker, &client_id, &control_tx).await else {
+        warn!("takeover of the existing session did not complete in time; refusing");
+        refuse(&mut stream, protocol, ReasonCode::SERVER_UNAVAILABLE).await;
+        return;
+    };
+
+    let expiry = session_expiry(&connect, broker);
+    let (mut session, present) = match old {
+        Some(s) if !connect.clean_start => (s, true),
+        Some(s) => {
+            broker.end_session(s);
+            (
+                broker.new_session(client_id.clone(), protocol, expiry),
+                false,
+            )
+        }
+        None => (
+            broker.new_session(client_id.clone(), protocol, expiry),
+            false,
+        ),
+    };
+    session.protocol = protocol;
+    session.expiry_interval = expiry;
+    // A reconnect before the will delay passed cancels the delayed will [MQTT-3.1.3-9].
+    session.pending_will = None;
+    session.mailbox.set_online(true);
+
+    info!(
+        clean_start = connect.clean_start,
+        session_present = present,
+        keep_alive = connect.keep_alive,
+        "client connected"
+    );
+
+    let mut conn = Conn::new(broker.clone(), &connect, client_id.clone(), generation);
+    let mut props = ConnAckProperties::default();
+    if protocol.is_v5() {
+        props.assigned_client_identifier = assigned.then(|| client_id.to_string());
+        props.receive_maximum = Some(config.session.max_inbound_inflight);
+        props.maximum_packet_size = u32::try_from(config.listener.max_packet_size).ok();
+        props.shared_subscription_available = Some(0);
+        props.subscription_identifiers_available = Some(1);
+        props.wildcard_subscription_available = Some(1);
+        props.retain_available = Some(1);
+    }
+    conn.send(&Packet::ConnAck(ConnAck {
+        session_present: present,
+        reason: ReasonCode::SUCCESS,
+        properties: props,
+    }));
+    let now = Instant::now();
+    for p in session.resend(now) {
+        conn.send(&p);
+    }
+
+    let exit = main_loop(
+        &mut conn,
+        &mut stream,
+        &mut inbuf,
+        &mut session,
+        &mut control_rx,
+        &mut shutdown,
+    )
+    .await;
+
+    finish(conn, stream, session, exit, control_rx).await;
+}
+
+/// Why no CONNECT could be read.
+enum ConnectError {
+    Closed,
+    Io(std::io::Error),
+    Decode(DecodeError),
+}
+
+async fn read_connect(
+    stream: &mut TcpStream,
+    inbuf: &mut BytesMut,
+    max_packet_size: usize,
+) -> Result<Box<Connect>, ConnectError> {
+    loop {
+        match codec::decode(inbuf, None, max_packet_size) {
+            Ok(Some(Packet::Connect(c))) => return Ok(c),
+            // The codec only yields CONNECT before the version is known.
+            Ok(Some(_)) => {
+                return Err(ConnectError::Decode(DecodeError::Protocol(
+                    "first packet is not CONNECT",
+                )))
+            }
+            Ok(None) => {
+                inbuf.reserve(READ_CHUNK);
+                match stream.read_buf(inbuf).await {
+                    Ok(0) => return Err(ConnectError::Closed),
+                    Ok(_) => {}
+                    Err(e) => return Err(ConnectError::Io(e)),
+                }
+            }
+            Err(e) => return Err(ConnectError::Decode(e)),
+        }
+    }
+}
+
+/// The Client ID to use and whether the broker assigned it; `None` when it must be refused.
+fn client_identifier(connect: &Connect, broker: &Broker) -> Option<(Arc<str>, bool)> {
+    if connect.client_id.is_empty() {
+        // 3.1.1: an empty id is only allowed with Clean Session = 1 [MQTT-3.1.3-7, 3.1.3-8];
+        // v5 allows it either way and returns the assigned id.
+        if !connect.clean_start && !connect.protocol.is_v5() {
+            return None;
+        }
+        let n = Stats::get(&broker.stats.connections_accepted);
+        let id = format!("tether-{n:x}-{:x}", std::process::id());
+        return Some((id.into(), true));
+    }
+    if connect.client_id.len() > broker.config.session.max_client_id_len {
+        return None;
+    }
+    Some((connect.client_id.as_str().into(), false))
+}
+
+/// The session's lifetime after the connection closes, in seconds.
+fn session_expiry(connect: &Connect, broker: &Broker) -> u32 {
+    match connect.protocol {
+        ProtocolVersion::V5 => connect.properties.session_expiry_interval.unwrap_or(0),
+        _ if connect.clean_start => 0,
+        _ => match broker.config.session.persistent_lifetime() {
+            None => EXPIRY_NEVER,
+            Some(d) => u32::try_from(d.as_secs()).unwrap_or(EXPIRY_NEVER - 1),
+        },
+    }
+}
+
+/// Claim the Client ID, taking the session over from a live connection if needed.
+/// `None` when the takeover did not complete within the configured time.
+async fn claim(
+    broker: &Broker,
+    client_id: &Arc<str>,
+    control: &mpsc::Sender<Control>,
+) -> Option<(u64, Option<Box<Session>>)> {
+    let deadline =
+        Instant::now() + Duration::from_secs(broker.config.session.takeover_timeout_secs);
+    loop {
+        match broker.registry.claim(client_id, control) {
+            Claim::Fresh { generation } => return Some((generation, None)),
+            Claim::Resumed {
+                generation,
+                session,
+            } => return Some((generation, Some(session))),
+            Claim::Wait { generation, reply } => {
+                match tokio::time::timeout_at(deadline, reply).await {
+                    Ok(Ok(session)) => {
+                        if broker.registry.install(client_id, generation, control) {
+                            return Some((generation, Some(session)));
+                        }
+                        broker.registry.park_orphan(session, Instant::now());
+                        return None;
+                    }
+                    _ => {
+                        broker.registry.abandon(client_id, generation);
+                        return None;
+                    }
+                }
+            }
+            Claim::Busy => {
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                tokio::time::sleep(BUSY_RETRY).await;
+            }
+        }
+    }
+}
+
+fn connack(session_present: bool, reason: ReasonCode) -> Packet {
+    Packet::ConnAck(ConnAck {
+        session_present,
+        reason,
+        properties: ConnAckProperties::default(),
+    })
+}
+
+/// Answer CONNECT with a failure CONNACK and close.
+async fn refuse(stream: &mut TcpStream, protocol: ProtocolVersion, reason: ReasonCode) {
+    let mut out = BytesMut::new();
+    if codec::encode(&connack(false, reason), protocol, None, &mut out).is_ok() {
+        let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&out)).await;
+    }
+}
+
+async fn main_loop(
+    conn: &mut Conn,
+    stream: &mut TcpStream,
+    inbuf: &mut BytesMut,
+    session: &mut Session,
+    control_rx: &mut mpsc::Receiver<Control>,
+    shutdown: &mut Shutdown,
+) -> Exit {
+    let max_packet = conn.broker.config.listener.max_packet_size;
+    let max_write = conn.broker.config.listener.max_write_buffer;
+    let keep_alive = conn.keep_alive;
+    // A zero keep-alive disables the timer; the sleep is then never polled.
+    let sleep = tokio::time::sleep(keep_alive.unwrap_or(Duration::from_secs(3600)));
+    tokio::pin!(sleep);
+    let (mut rd, mut wr) = stream.split();
+
+    loop {
+        // Handle every complete packet buffered, but stop while the write buffer is over its
+        // limit: what is left is handled once the client reads.
+        let mut got_packet = false;
+        while conn.out.len() < max_write {
+            match codec::decode(inbuf, Some(conn.protocol), max_packet) {
+                Ok(Some(p)) => {
+                    got_packet = true;
+                    if let Err(exit) = conn.on_packet(session, p, Instant::now()) {
+                        return exit;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Exit::Decode(e),
+            }
+        }
+        if got_packet {
+            if let Some(ka) = keep_alive {
+                sleep.as_mut().reset(Instant::now() + ka);
+            }
+        }
+        conn.pump(session, Instant::now());
+
+        let room = conn.out.len() < max_write;
+        inbuf.reserve(READ_CHUNK.min(max_packet));
+        tokio::select! {
+            biased;
+            _ = shutdown.recv() => return Exit::Shutdown,
+            Some(c) = control_rx.recv() => match c {
+                Control::TakeOver(reply) => return Exit::TakenOver(reply),
+            },
+            r = wr.write_buf(&mut conn.out), if !conn.out.is_empty() => match r {
+                Ok(0) => return Exit::PeerClosed,
+                Ok(_) => {}
+                Err(e) => return Exit::Io(e),
+            },
+            r = rd.read_buf(inbuf), if room => match r {
+                Ok(0) => return Exit::PeerClosed,
+                Ok(_) => {}
+                Err(e) => return Exit::Io(e),
+            },
+            _ = session.mailbox.notified(), if room => {}
+            _ = &mut sleep, if keep_alive.is_some() => return Exit::KeepAliveTimeout,
+        }
+    }
+}
+
+/// The end of a connection: final DISCONNECT (v5), the will, and the session parked, ended
+/// or handed to the connection taking it over.
+async fn finish(
+    mut conn: Conn,
+    mut stream: TcpStream,
+    mut session: Box<Session>,
+    exit: Exit,
+    mut control_rx: mpsc::Receiver<Control>,
+) {
+    let broker = conn.broker.clone();
+    let now = Instant::now();
+    match &exit {
+        Exit::ClientDisconnect { .. } | Exit::TakenOver(_) | Exit::Shutdown => {
+            debug!(reason = %exit, "connection closed")
+        }
+        Exit::PeerClosed | Exit::Io(_) | Exit::KeepAliveTimeout => {
+            info!(reason = %exit, "connection lost")
+        }
+        Exit::Decode(_) | Exit::Violation(..) => {
+            Stats::incr(&broker.stats.protocol_errors);
+            warn!(reason = %exit, "closing connection")
+        }
+    }
+    if conn.protocol.is_v5() {
+        if let Some(reason) = exit.server_reason() {
+            conn.send(&Packet::Disconnect(Disconnect {
+                reason,
+                ..Disconnect::default()
+            }));
+        }
+    }
+    if let Exit::ClientDisconnect {
+        session_expiry: Some(expiry),
+        ..
+    } = exit
+    {
+        session.expiry_interval = expiry;
+    }
+    if exit.publishes_will() {
+        if let Some(will) = conn.will.take() {
+            broker.publish_will(&conn.client_id, will, now);
+        }
+    }
+
+    match exit {
+        Exit::TakenOver(reply) => hand_over(&broker, reply, session),
+        _ => match broker.registry.park(conn.generation, session, now) {
+            Parked::Offline => {}
+            Parked::Ended(s) | Parked::Stale(s) => broker.end_session(s),
+            Parked::HandOver(s) => {
+                // The request was queued before the slot changed, so it is there to take.
+                match control_rx.recv().await {
+                    Some(Control::TakeOver(reply)) => hand_over(&broker, reply, s),
+                    None => {
+                        broker.registry.park_orphan(s, now);
+                    }
+                }
+            }
+        },
+    }
+
+    if !conn.out.is_empty() {
+        let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&conn.out)).await;
+    }
+    let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.shutdown()).await;
+}
+
+fn hand_over(
+    broker: &Broker,
+    reply: tokio::sync::oneshot::Sender<Box<Session>>,
+    session: Box<Session>,
+) {
+    if let Err(session) = reply.send(session) {
+        // The new connection gave up waiting; keep the session rather than lose it.
+        if let Parked::Ended(s) | Parked::Stale(s) =
+            broker.registry.park_orphan(session, Instant::now())
+        {
+            broker.end_session(s);
+        }
+    }
+}

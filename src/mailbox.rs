@@ -1,0 +1,338 @@
+//! A session's queue of messages not yet in flight, shared with every publisher.
+//!
+//! Publishers push into it from their own tasks (through the router, which holds an
+//! `Arc<Mailbox>` per subscription); the session's connection task, while one is attached, pops
+//! from it as its inflight window allows. The queue outlives connections: while the session is
+//! offline it simply keeps filling, up to its limits, and a resuming connection drains it.
+//! One object for both states means nothing routed during a takeover or a disconnect can fall
+//! between two places.
+//!
+//! The lock is a std mutex: every critical section is a push or a pop of a few words, never
+//! across an `.await`, and an async mutex would cost more than it could save.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::config::{OverflowPolicy, SessionConfig};
+use crate::message::Delivery;
+use crate::packet::QoS;
+use crate::stats::Stats;
+
+/// The limits of one queue, copied from the configuration when the session is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Most messages queued.
+    pub max_messages: usize,
+    /// Most payload bytes queued.
+    pub max_bytes: usize,
+    /// What to drop at a limit.
+    pub overflow: OverflowPolicy,
+    /// Whether QoS 0 messages are queued while the session is offline.
+    pub queue_qos0_offline: bool,
+}
+
+impl From<&SessionConfig> for QueueLimits {
+    fn from(c: &SessionConfig) -> Self {
+        QueueLimits {
+            max_messages: c.max_queued_messages,
+            max_bytes: c.max_queued_bytes,
+            overflow: c.queue_overflow,
+            queue_qos0_offline: c.queue_qos0_offline,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    queue: VecDeque<Delivery>,
+    bytes: usize,
+    online: bool,
+    closed: bool,
+}
+
+/// What happened to a pushed delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued.
+    Queued,
+    /// Queued after dropping that many older messages (drop-oldest policy).
+    QueuedDroppingOldest(usize),
+    /// Dropped: queue full under the drop-new policy, or larger than the whole byte limit.
+    DroppedFull,
+    /// Dropped: QoS 0 for an offline session with `queue_qos0_offline = false`.
+    DroppedQos0Offline,
+    /// Dropped: the session has ended.
+    Closed,
+}
+
+/// The queue itself. Owned jointly (`Arc`) by the session, by each of its router entries, and
+/// by whoever is delivering to it at the moment; freed when the last of them lets go.
+#[derive(Debug)]
+pub struct Mailbox {
+    inner: Mutex<Inner>,
+    /// Wakes the attached connection task; `notify_one` keeps a permit when it is busy, so a
+    /// push between two polls is never missed.
+    notify: Notify,
+    limits: QueueLimits,
+}
+
+impl Mailbox {
+    /// An empty, offline queue.
+    pub fn new(limits: QueueLimits) -> Mailbox {
+        Mailbox {
+            inner: Mutex::new(Inner::default()),
+            notify: Notify::new(),
+            limits,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the queue half-updated in a way that
+        // matters more than losing the broker, so recover the guard.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue a delivery, applying the limits and counting what is dropped.
+    pub fn push(&self, d: Delivery, stats: &Stats) -> Pushed {
+        let size = d.size();
+        let outcome = {
+            let mut q = self.lock();
+            if q.closed {
+                return Pushed::Closed;
+            }
+            if !q.online && d.qos == QoS::AtMostOnce && !self.limits.queue_qos0_offline {
+                Pushed::DroppedQos0Offline
+            } else if size > self.limits.max_bytes {
+                Pushed::DroppedFull
+            } else {
+                let full = |q: &Inner| {
+                    q.queue.len() >= self.limits.max_messages
+                        || q.bytes + size > self.limits.max_bytes
+                };
+                let mut dropped = 0;
+                match self.limits.overflow {
+                    OverflowPolicy::DropNew if full(&q) => Pushed::DroppedFull,
+                    _ => {
+                        while full(&q) {
+                            let Some(old) = q.queue.pop_front() else {
+                                break;
+                            };
+                            q.bytes -= old.size();
+                            dropped += 1;
+                        }
+                        q.bytes += size;
+                        q.queue.push_back(d);
+                        if dropped > 0 {
+                            Pushed::QueuedDroppingOldest(dropped)
+                        } else {
+                            Pushed::Queued
+                        }
+                    }
+                }
+            }
+        };
+        match outcome {
+            Pushed::Queued => self.notify.notify_one(),
+            Pushed::QueuedDroppingOldest(n) => {
+                stats
+                    .dropped_queue_full
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                self.notify.notify_one();
+            }
+            Pushed::DroppedFull => Stats::incr(&stats.dropped_queue_full),
+            Pushed::DroppedQos0Offline => Stats::incr(&stats.dropped_qos0_offline),
+            Pushed::Closed => {}
+        }
+        outcome
+    }
+
+    /// Take the oldest queued delivery.
+    pub fn pop(&self) -> Option<Delivery> {
+        let mut q = self.lock();
+        let d = q.queue.pop_front()?;
+        q.bytes -= d.size();
+        Some(d)
+    }
+
+    /// Take the oldest queued delivery if `accept` says the caller can handle it now (for
+    /// instance: a QoS 1/2 message only while the inflight window has room). One lock for the
+    /// look and the take.
+    pub fn pop_if(&self, accept: impl FnOnce(&Delivery) -> bool) -> Option<Delivery> {
+        let mut q = self.lock();
+        if !accept(q.queue.front()?) {
+            return None;
+        }
+        let d = q.queue.pop_front()?;
+        q.bytes -= d.size();
+        Some(d)
+    }
+
+    /// Mark the session attached to a connection (queue QoS 0) or not.
+    pub fn set_online(&self, online: bool) {
+        self.lock().online = online;
+    }
+
+    /// The session has ended: drop everything and refuse further pushes, so a publisher that
+    /// matched the session just before it ended cannot grow a queue nobody will read.
+    pub fn close(&self) {
+        let mut q = self.lock();
+        q.closed = true;
+        q.queue.clear();
+        q.bytes = 0;
+    }
+
+    /// Messages queued now.
+    pub fn len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Payload bytes queued now.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Resolves when a push happened since the last call (or right away if one is pending).
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::message::Message;
+
+    fn delivery(qos: QoS, payload: &'static [u8]) -> Delivery {
+        Delivery {
+            msg: Arc::new(Message {
+                topic: "t".into(),
+                payload: bytes::Bytes::from_static(payload),
+                qos,
+                retain: false,
+                properties: Default::default(),
+                expires_at: None,
+                publisher: None,
+            }),
+            qos,
+            retain: false,
+            subscription_ids: vec![],
+        }
+    }
+
+    fn limits(max_messages: usize, max_bytes: usize, overflow: OverflowPolicy) -> QueueLimits {
+        QueueLimits {
+            max_messages,
+            max_bytes,
+            overflow,
+            queue_qos0_offline: false,
+        }
+    }
+
+    #[test]
+    fn drop_new_keeps_the_oldest_and_counts() {
+        let stats = Stats::default();
+        let mb = Mailbox::new(limits(2, 100, OverflowPolicy::DropNew));
+        assert_eq!(
+            mb.push(delivery(QoS::AtLeastOnce, b"a"), &stats),
+            Pushed::Queued
+        );
+        assert_eq!(
+            mb.push(delivery(QoS::AtLeastOnce, b"b"), &stats),
+            Pushed::Queued
+        );
+        assert_eq!(
+            mb.push(delivery(QoS::AtLeastOnce, b"c"), &stats),
+            Pushed::DroppedFull
+        );
+        assert_eq!(Stats::get(&stats.dropped_queue_full), 1);
+        assert_eq!(&mb.pop().unwrap().msg.payload[..], b"a");
+        assert_eq!(&mb.pop().unwrap().msg.payload[..], b"b");
+        assert!(mb.pop().is_none());
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest_and_counts() {
+        let stats = Stats::default();
+        let mb = Mailbox::new(limits(2, 100, OverflowPolicy::DropOldest));
+        for p in [&b"a"[..], b"b", b"c"] {
+            let d = Delivery {
+                msg: Arc::new(Message {
+                    payload: bytes::Bytes::copy_from_slice(p),
+                    ..(*delivery(QoS::AtLeastOnce, b"").msg).clone()
+                }),
+                ..delivery(QoS::AtLeastOnce, b"")
+            };
+            mb.push(d, &stats);
+        }
+        assert_eq!(Stats::get(&stats.dropped_queue_full), 1);
+        assert_eq!(&mb.pop().unwrap().msg.payload[..], b"b");
+        assert_eq!(&mb.pop().unwrap().msg.payload[..], b"c");
+    }
+
+    #[test]
+    fn byte_limit_applies() {
+        let stats = Stats::default();
+        let mb = Mailbox::new(limits(100, 5, OverflowPolicy::DropNew));
+        assert_eq!(
+            mb.push(delivery(QoS::AtLeastOnce, b"abc"), &stats),
+            Pushed::Queued
+        );
+        assert_eq!(
+            mb.push(delivery(QoS::AtLeastOnce, b"abc"), &stats),
+            Pushed::DroppedFull
+        );
+        assert_eq!(mb.bytes(), 3);
+        // Larger than the whole limit: dropped even under drop-oldest.
+        let mb = Mailbox::new(limits(100, 5, OverflowPolicy::DropOldest));
+        assert_eq!(
+            mb.push(delivery(QoS::AtLeastOnce, b"abcdef"), &stats),
+            Pushed::DroppedFull
+        );
+    }
+
+    #[test]
+    fn qos0_is_not_queued_offline_unless_configured() {
+        let stats = Stats::default();
+        let mb = Mailbox::new(limits(10, 100, OverflowPolicy::DropNew));
+        assert_eq!(
+            mb.push(delivery(QoS::AtMostOnce, b"a"), &stats),
+            Pushed::DroppedQos0Offline
+        );
+        assert_eq!(Stats::get(&stats.dropped_qos0_offline), 1);
+        mb.set_online(true);
+        assert_eq!(
+            mb.push(delivery(QoS::AtMostOnce, b"a"), &stats),
+            Pushed::Queued
+        );
+        let mb = Mailbox::new(QueueLimits {
+            queue_qos0_offline: true,
+            ..limits(10, 100, OverflowPolicy::DropNew)
+        });
+        assert_eq!(
+            mb.push(delivery(QoS::AtMostOnce, b"a"), &stats),
+            Pushed::Queued
+        );
+    }
+
+    #[test]
+    fn closed_queue_refuses_and_frees() {
+        let stats = Stats::default();
+        let mb = Mailbox::new(limits(10, 100, OverflowPolicy::DropNew));
+        mb.push(delivery(QoS::AtLeastOnce, b"a"), &stats);
+        mb.close();
+        assert!(mb.is_empty());
+        assert_eq!(
+            mb.push(delivery(QoS::AtLeastOnce, b"a"), &stats),
+            Pushed::Closed
+        );
+    }
+}

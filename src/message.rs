@@ -1,0 +1,57 @@
+//! The routed application message and a per-subscriber delivery of it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::packet::{PublishProperties, QoS};
+
+/// An application message as it travels from one publisher to every matching session.
+/// Shared (`Arc<Message>`) by all deliveries of it, so fan-out copies a pointer, not the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Topic name the message was published to.
+    pub topic: String,
+    /// Payload; `Bytes` so every delivery and the retained store share one buffer.
+    pub payload: Bytes,
+    /// QoS the publisher used: the upper bound of every delivery's QoS.
+    pub qos: QoS,
+    /// RETAIN flag as published.
+    pub retain: bool,
+    /// Application properties (v5), without topic alias or subscription identifiers, which
+    /// belong to one connection or one delivery.
+    pub properties: PublishProperties,
+    /// When the Message Expiry Interval runs out, if one was set.
+    pub expires_at: Option<Instant>,
+    /// Client ID of the publisher, for the No Local option; `None` for wills and system messages.
+    pub publisher: Option<Arc<str>>,
+}
+
+impl Message {
+    /// Has the Message Expiry Interval passed at `now`?
+    pub fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+}
+
+/// One message on its way to one session: the shared message plus what differs per subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The shared message.
+    pub msg: Arc<Message>,
+    /// min(published QoS, granted QoS).
+    pub qos: QoS,
+    /// RETAIN flag to send: 1 for retained messages sent at subscribe time, 0 otherwise unless
+    /// the v5 subscription asked for Retain As Published.
+    pub retain: bool,
+    /// Subscription Identifiers of every matching subscription of this session (v5).
+    pub subscription_ids: Vec<u32>,
+}
+
+impl Delivery {
+    /// Payload bytes, the unit the queue byte limit counts.
+    pub fn size(&self) -> usize {
+        self.msg.payload.len()
+    }
+}

@@ -1,0 +1,411 @@
+//! The protocol state machine of one connection after CONNECT: what each inbound packet does
+//! to the session and the broker, and what goes back. Synchronous: routing pushes into
+//! mailboxes, and replies are encoded into the connection's write buffer, which the connection
+//! task flushes once per wake-up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::broker::Broker;
+use crate::codec::{self, DecodeError, EncodeError};
+use crate::message::{Delivery, Message};
+use crate::packet::{
+    Ack, Connect, Packet, ProtocolVersion, Publish, QoS, ReasonCode, RetainHandling, SubAck,
+    Subscribe, UnsubAck, Unsubscribe, Will,
+};
+use crate::router::SubEntry;
+use crate::session::{InboundQos2, Session, Subscription};
+use crate::stats::Stats;
+use crate::topic;
+
+/// Why a connection's main loop ended.
+#[derive(Debug)]
+pub enum Exit {
+    /// The client sent DISCONNECT.
+    ClientDisconnect {
+        /// v5 reason 0x04: publish the will anyway.
+        with_will: bool,
+        /// v5: a new Session Expiry Interval set by DISCONNECT.
+        session_expiry: Option<u32>,
+    },
+    /// The client broke the protocol; v5 clients are told why.
+    Violation(ReasonCode, &'static str),
+    /// A frame could not be decoded.
+    Decode(DecodeError),
+    /// Nothing received for 1.5 x keep-alive [MQTT-3.1.2-24].
+    KeepAliveTimeout,
+    /// The client closed the socket.
+    PeerClosed,
+    /// A socket error.
+    Io(std::io::Error),
+    /// Another connection claimed the Client ID; the session goes to it.
+    TakenOver(oneshot::Sender<Box<Session>>),
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+impl Exit {
+    /// The reason code of the DISCONNECT the server sends a v5 client, if it sends one.
+    pub fn server_reason(&self) -> Option<ReasonCode> {
+        match self {
+            Exit::Violation(code, _) => Some(*code),
+            Exit::Decode(e) => Some(e.reason_code()),
+            Exit::KeepAliveTimeout => Some(ReasonCode::KEEP_ALIVE_TIMEOUT),
+            Exit::TakenOver(_) => Some(ReasonCode::SESSION_TAKEN_OVER),
+            Exit::Shutdown => Some(ReasonCode::SERVER_SHUTTING_DOWN),
+            Exit::ClientDisconnect { .. } | Exit::PeerClosed | Exit::Io(_) => None,
+        }
+    }
+
+    /// Everything but a normal DISCONNECT publishes the will [MQTT-3.1.2-8, 3.1.2-10].
+    pub fn publishes_will(&self) -> bool {
+        match self {
+            Exit::ClientDisconnect { with_will, .. } => *with_will,
+            _ => true,
+        }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::ClientDisconnect { with_will, .. } => {
+                write!(f, "client disconnected")?;
+                if *with_will {
+                    write!(f, " (with will)")?;
+                }
+                Ok(())
+            }
+            Exit::Violation(code, why) => write!(f, "protocol violation (0x{:02x}): {why}", code.0),
+            Exit::Decode(e) => write!(f, "undecodable packet: {e}"),
+            Exit::KeepAliveTimeout => write!(f, "keep-alive timeout"),
+            Exit::PeerClosed => write!(f, "closed by peer"),
+            Exit::Io(e) => write!(f, "socket error: {e}"),
+            Exit::TakenOver(_) => write!(f, "session taken over by a new connection"),
+            Exit::Shutdown => write!(f, "server shutting down"),
+        }
+    }
+}
+
+/// Per-connection protocol state that is not session state: it ends with the connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// Shared broker state.
+    pub broker: Arc<Broker>,
+    /// Protocol the client speaks; picks the encoder.
+    pub protocol: ProtocolVersion,
+    /// The session's Client ID.
+    pub client_id: Arc<str>,
+    /// Registry generation of this connection.
+    pub generation: u64,
+    /// The will, published unless the client disconnects normally.
+    pub will: Option<Will>,
+    /// 1.5 x the client's keep-alive; `None` when disabled.
+    pub keep_alive: Option<Duration>,
+    /// Outbound QoS 1/2 messages allowed in flight: our limit, lowered by the client's
+    /// Receive Maximum [MQTT-3.3.4-9].
+    pub window: usize,
+    /// The client's Maximum Packet Size, if it announced one.
+    pub peer_max_packet: Option<usize>,
+    /// Encoded packets waiting to be written; flushed once per wake-up.
+    pub out: BytesMut,
+}
+
+impl Conn {
+    /// Connection state for an accepted CONNECT.
+    pub fn new(broker: Arc<Broker>, c: &Connect, client_id: Arc<str>, generation: u64) -> Conn {
+        let window = usize::from(
+            c.properties
+                .receive_maximum
+                .unwrap_or(u16::MAX)
+                .min(broker.config.session.max_inflight),
+        );
+        Conn {
+            protocol: c.protocol,
+            client_id,
+            generation,
+            will: c.will.clone(),
+            keep_alive: (c.keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
+            window,
+            peer_max_packet: c
+                .properties
+                .maximum_packet_size
+                .and_then(|m| usize::try_from(m).ok()),
+            out: BytesMut::with_capacity(4096),
+            broker,
+        }
+    }
+
+    /// Encode a packet into the write buffer. A packet the client's Maximum Packet Size does
+    /// not admit is dropped and counted; an unencodable one is dropped and logged.
+    pub fn send(&mut self, p: &Packet) -> bool {
+        match codec::encode(p, self.protocol, self.peer_max_packet, &mut self.out) {
+            Ok(_) => true,
+            Err(EncodeError::TooLarge { size, max }) => {
+                debug!(
+                    size,
+                    max,
+                    packet = p.name(),
+                    "not sent: larger than the client's maximum"
+                );
+                Stats::incr(&self.broker.stats.dropped_too_large);
+                false
+            }
+            Err(e) => {
+                debug!(packet = p.name(), "not sent: cannot encode: {e:?}");
+                false
+            }
+        }
+    }
+
+    /// Move queued messages into the write buffer while the inflight window and the write
+    /// buffer have room, oldest first (QoS 0 messages need no window slot but keep their
+    /// place in the order).
+    pub fn pump(&mut self, s: &mut Session, now: Instant) {
+        let max_write = self.broker.config.listener.max_write_buffer;
+        while self.out.len() < max_write {
+            let window_full = s.inflight_len() >= self.window;
+            let Some(d) = s
+                .mailbox
+                .pop_if(|d| d.qos == QoS::AtMostOnce || !window_full)
+            else {
+                break;
+            };
+            if d.msg.expired(now) {
+                Stats::incr(&self.broker.stats.dropped_expired);
+                continue;
+            }
+            let publish = s.start_delivery(d, now);
+            let packet_id = publish.packet_id;
+            if self.send(&Packet::Publish(publish)) {
+                Stats::incr(&self.broker.stats.publish_sent);
+            } else if packet_id != 0 {
+                // Never sent, so it must not wait for an acknowledgement.
+                s.forget(packet_id);
+            }
+        }
+    }
+
+    /// Handle one packet from the client.
+    pub fn on_packet(&mut self, s: &mut Session, p: Packet, now: Instant) -> Result<(), Exit> {
+        match p {
+            Packet::Publish(p) => self.on_publish(s, p, now),
+            Packet::PubAck(a) => {
+                if !s.on_puback(a.packet_id) {
+                    debug!(packet_id = a.packet_id, "PUBACK for no message in flight");
+                }
+                Ok(())
+            }
+            Packet::PubRec(a) => {
+                if let Some(rel) = s.on_pubrec(a.packet_id, a.reason) {
+                    self.send(&Packet::PubRel(rel));
+                }
+                Ok(())
+            }
+            Packet::PubRel(a) => {
+                let mut comp = Ack::new(a.packet_id);
+                if !s.release_inbound_qos2(a.packet_id) {
+                    comp.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
+                }
+                self.send(&Packet::PubComp(comp));
+                Ok(())
+            }
+            Packet::PubComp(a) => {
+                if !s.on_pubcomp(a.packet_id) {
+                    debug!(packet_id = a.packet_id, "PUBCOMP for no message in flight");
+                }
+                Ok(())
+            }
+            Packet::Subscribe(sub) => self.on_subscribe(s, sub, now),
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(s, u);
+                Ok(())
+            }
+            Packet::PingReq => {
+                self.send(&Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => Err(Exit::ClientDisconnect {
+                with_will: d.reason == ReasonCode::DISCONNECT_WITH_WILL,
+                session_expiry: d.session_expiry_interval,
+            }),
+            Packet::Auth(_) => Err(Exit::Violation(
+                ReasonCode::PROTOCOL_ERROR,
+                "AUTH without enhanced authentication",
+            )),
+            Packet::Connect(_) => Err(Exit::Violation(
+                ReasonCode::PROTOCOL_ERROR,
+                "second CONNECT [MQTT-3.1.0-2]",
+            )),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                Err(Exit::Violation(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "server-to-client packet from client",
+                ))
+            }
+        }
+    }
+
+    fn on_publish(&mut self, s: &mut Session, p: Publish, now: Instant) -> Result<(), Exit> {
+        Stats::incr(&self.broker.stats.publish_received);
+        if !topic::valid_topic_name(&p.topic) {
+            return Err(Exit::Violation(
+                ReasonCode::TOPIC_NAME_INVALID,
+                "invalid topic name in PUBLISH [MQTT-3.3.2-2]",
+            ));
+        }
+        if !p.properties.subscription_identifiers.is_empty() {
+            return Err(Exit::Violation(
+                ReasonCode::PROTOCOL_ERROR,
+                "subscription identifier in PUBLISH from a client [MQTT-3.3.4-6]",
+            ));
+        }
+        let packet_id = p.packet_id;
+        if p.qos == QoS::ExactlyOnce {
+            let max = usize::from(self.broker.config.session.max_inbound_inflight);
+            match s.begin_inbound_qos2(packet_id, max) {
+                InboundQos2::New => {}
+                InboundQos2::Duplicate => {
+                    // Already routed once: acknowledge again, deliver nothing.
+                    self.send(&Packet::PubRec(Ack::new(packet_id)));
+                    return Ok(());
+                }
+                InboundQos2::Full => {
+                    return Err(Exit::Violation(
+                        ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+                        "too many QoS 2 messages awaiting PUBREL",
+                    ))
+                }
+            }
+        }
+        let mut properties = p.properties;
+        properties.topic_alias = None;
+        let expires_at = properties
+            .message_expiry_interval
+            .map(|secs| now + Duration::from_secs(u64::from(secs)));
+        let qos = p.qos;
+        self.broker.publish(Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos,
+            retain: p.retain,
+            properties,
+            expires_at,
+            publisher: Some(self.client_id.clone()),
+        });
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                self.send(&Packet::PubAck(Ack::new(packet_id)));
+            }
+            QoS::ExactlyOnce => {
+                self.send(&Packet::PubRec(Ack::new(packet_id)));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_subscribe(&mut self, s: &mut Session, sub: Subscribe, now: Instant) -> Result<(), Exit> {
+        let failure = ReasonCode::UNSPECIFIED_ERROR;
+        let mut reasons = Vec::with_capacity(sub.filters.len());
+        let mut retained = Vec::new();
+        for f in &sub.filters {
+            let filter = match topic::parse_shared(&f.filter) {
+                Ok(None) => f.filter.as_str(),
+                Ok(Some(_)) => {
+                    reasons.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
+                    continue;
+                }
+                Err(_) => {
+                    reasons.push(ReasonCode::TOPIC_FILTER_INVALID);
+                    continue;
+                }
+            };
+            if !topic::valid_topic_filter(filter) {
+                reasons.push(if self.protocol.is_v5() {
+                    ReasonCode::TOPIC_FILTER_INVALID
+                } else {
+                    failure
+                });
+                continue;
+            }
+            if !s.subscriptions.contains_key(filter)
+                && s.subscriptions.len() >= self.broker.config.session.max_subscriptions
+            {
+                reasons.push(ReasonCode::QUOTA_EXCEEDED);
+                continue;
+            }
+            let subscription = Subscription::from_request(f, sub.subscription_identifier);
+            let existed = s
+                .subscriptions
+                .insert(filter.to_string(), subscription)
+                .is_some();
+            self.broker.router.subscribe(
+                &self.client_id,
+                filter,
+                SubEntry {
+                    mailbox: s.mailbox.clone(),
+                    sub: subscription,
+                },
+            );
+            reasons.push(ReasonCode(subscription.qos as u8));
+            let send_retained = match subscription.retain_handling {
+                RetainHandling::OnSubscribe => true,
+                RetainHandling::OnNewSubscribe => !existed,
+                RetainHandling::Never => false,
+            };
+            if send_retained {
+                retained.push((filter.to_string(), subscription));
+            }
+        }
+        self.send(&Packet::SubAck(SubAck {
+            packet_id: sub.packet_id,
+            reasons,
+            reason_string: None,
+        }));
+        // Retained messages follow the SUBACK through the session's own queue, so they obey
+        // its inflight window and limits like any other delivery [MQTT-3.3.1-6, 3.3.1-8].
+        for (filter, subscription) in retained {
+            for msg in self.broker.retained.matching(&filter, now) {
+                let qos = msg.qos.min(subscription.qos);
+                s.mailbox.push(
+                    Delivery {
+                        msg,
+                        qos,
+                        retain: true,
+                        subscription_ids: subscription.identifier.into_iter().collect(),
+                    },
+                    &self.broker.stats,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, s: &mut Session, u: Unsubscribe) {
+        let reasons = u
+            .filters
+            .iter()
+            .map(|filter| {
+                if s.subscriptions.remove(filter).is_some() {
+                    self.broker
+                        .router
+                        .unsubscribe(&self.client_id, filter, &s.mailbox);
+                    ReasonCode::SUCCESS
+                } else {
+                    ReasonCode::NO_SUBSCRIPTION_EXISTED
+                }
+            })
+            .collect();
+        self.send(&Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            reasons,
+        }));
+    }
+}

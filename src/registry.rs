@@ -1,0 +1,487 @@
+//! The session registry: Client ID -> slot, sharded (dashmap) so connects, takeovers and
+//! disconnects of different clients run on both cores without contending.
+//!
+//! Every critical section here is short and synchronous: no `.await` while a map reference is
+//! held (dashmap can deadlock if a shard guard crosses an await). Waiting for a takeover
+//! happens outside, on a oneshot channel, with the slot marked `TakingOver` meanwhile.
+//!
+//! Each slot carries a generation, fresh for every connection that claims the slot. Deferred
+//! actions (expiry timers, a parking connection) name the generation they were made for and do
+//! nothing when the slot has moved on.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::expiry::{Timer, TimerKind, Timers};
+use crate::session::{Session, EXPIRY_NEVER};
+
+/// A request to the connection task that currently owns a session.
+#[derive(Debug)]
+pub enum Control {
+    /// Another connection claimed the Client ID: close (v5: DISCONNECT 0x8E) and hand the
+    /// session over through the sender.
+    TakeOver(oneshot::Sender<Box<Session>>),
+}
+
+/// Who holds a Client ID's session.
+#[derive(Debug)]
+pub enum Slot {
+    /// A connection task owns the session; reach it through `control`.
+    Online {
+        /// Generation of the owning connection.
+        generation: u64,
+        /// The owning task's control channel.
+        control: mpsc::Sender<Control>,
+    },
+    /// No connection: the session is parked here as plain data until it is resumed or expires.
+    Offline {
+        /// Generation of the connection that parked it.
+        generation: u64,
+        /// The parked session.
+        session: Box<Session>,
+        /// When it expires; `None` = never (no timer armed).
+        deadline: Option<Instant>,
+    },
+    /// A new connection asked the owner to hand the session over and is waiting for it.
+    TakingOver {
+        /// Generation of the waiting connection.
+        generation: u64,
+    },
+}
+
+/// The outcome of a CONNECT's claim on a Client ID.
+#[derive(Debug)]
+pub enum Claim {
+    /// No session existed; the slot is now ours.
+    Fresh {
+        /// Our generation.
+        generation: u64,
+    },
+    /// A parked session is now ours.
+    Resumed {
+        /// Our generation.
+        generation: u64,
+        /// The session.
+        session: Box<Session>,
+    },
+    /// Another connection owns the session; it has been asked to hand it over. Wait on
+    /// `reply`, then call `Registry::install`.
+    Wait {
+        /// Our generation.
+        generation: u64,
+        /// Where the old owner sends the session.
+        reply: oneshot::Receiver<Box<Session>>,
+    },
+    /// A takeover of this Client ID is already in progress; retry shortly.
+    Busy,
+}
+
+/// What became of a session whose connection closed.
+#[derive(Debug)]
+pub enum Parked {
+    /// Parked offline, expiry armed.
+    Offline,
+    /// Its lifetime is over (expiry interval 0): the caller frees its subscriptions.
+    Ended(Box<Session>),
+    /// A new connection is taking it over: answer the `Control::TakeOver` waiting in the
+    /// control channel with it.
+    HandOver(Box<Session>),
+    /// The slot belongs to a later connection already; this session is obsolete.
+    Stale(Box<Session>),
+}
+
+/// The registry. Owned by the `Broker`, shared by every connection task and the timer task.
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// Client ID -> slot. `Arc<str>` keys are shared with sessions, router entries and timers.
+    slots: DashMap<Arc<str>, Slot>,
+    /// Source of generations; starts at 1 so 0 never names a live slot.
+    next_generation: AtomicU64,
+    /// Expiry and will-delay deadlines of parked sessions.
+    pub timers: Timers,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    fn generation(&self) -> u64 {
+        self.next_generation.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Claim `client_id` for a new connection whose control channel is `control`.
+    pub fn claim(&self, client_id: &Arc<str>, control: &mpsc::Sender<Control>) -> Claim {
+        let generation = self.generation();
+        match self.slots.entry(client_id.clone()) {
+            Entry::Vacant(v) => {
+                v.insert(Slot::Online {
+                    generation,
+                    control: control.clone(),
+                });
+                Claim::Fresh { generation }
+            }
+            Entry::Occupied(mut o) => match o.get() {
+                Slot::TakingOver { .. } => Claim::Busy,
+                Slot::Online { control: old, .. } => {
+                    let (tx, rx) = oneshot::channel();
+                    // Sent while the shard is locked: once the slot reads TakingOver, the
+                    // request is already in the old owner's channel, so an owner that parks
+                    // concurrently finds it there.
+                    match old.try_send(Control::TakeOver(tx)) {
+                        Ok(()) => {
+                            o.insert(Slot::TakingOver { generation });
+                            Claim::Wait {
+                                generation,
+                                reply: rx,
+                            }
+                        }
+                        Err(mpsc::error::TrySendError::Full(_)) => Claim::Busy,
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            // The owner is gone without parking (it cannot, short of a
+                            // panic): its session state is lost with it.
+                            o.insert(Slot::Online {
+                                generation,
+                                control: control.clone(),
+                            });
+                            Claim::Fresh { generation }
+                        }
+                    }
+                }
+                Slot::Offline { .. } => {
+                    let old = o.insert(Slot::Online {
+                        generation,
+                        control: control.clone(),
+                    });
+                    let Slot::Offline {
+                        session,
+                        deadline,
+                        generation: old_gen,
+                    } = old
+                    else {
+                        unreachable!("matched Offline above")
+                    };
+                    if let Some(at) = deadline {
+                        self.timers.cancel(&Timer {
+                            at,
+                            generation: old_gen,
+                            client_id: client_id.clone(),
+                            kind: TimerKind::SessionExpiry,
+                        });
+                    }
+                    Claim::Resumed {
+                        generation,
+                        session,
+                    }
+                }
+            },
+        }
+    }
+
+    /// After a `Claim::Wait` delivered the session: make the slot ours. False when the slot
+    /// no longer names our takeover (cannot happen while we hold it TakingOver, but checked).
+    pub fn install(
+        &self,
+        client_id: &Arc<str>,
+        generation: u64,
+        control: &mpsc::Sender<Control>,
+    ) -> bool {
+        match self.slots.get_mut(client_id) {
+            Some(mut slot) if matches!(*slot, Slot::TakingOver { generation: g } if g == generation) =>
+            {
+                *slot = Slot::Online {
+                    generation,
+                    control: control.clone(),
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Give up a takeover that timed out: free the slot so later connects are not stuck.
+    pub fn abandon(&self, client_id: &Arc<str>, generation: u64) {
+        self.slots.remove_if(
+            client_id,
+            |_, slot| matches!(slot, Slot::TakingOver { generation: g } if *g == generation),
+        );
+    }
+
+    /// The slot a session parks in: `Offline` with its expiry armed, or `Err` when its
+    /// lifetime ends with the connection (expiry interval 0).
+    fn offline_slot(
+        &self,
+        generation: u64,
+        session: Box<Session>,
+        now: Instant,
+    ) -> Result<Slot, Box<Session>> {
+        if session.expiry_interval == 0 {
+            return Err(session);
+        }
+        session.mailbox.set_online(false);
+        let deadline = (session.expiry_interval != EXPIRY_NEVER)
+            .then(|| now + Duration::from_secs(u64::from(session.expiry_interval)));
+        if let Some(at) = deadline {
+            self.timers.arm(Timer {
+                at,
+                generation,
+                client_id: session.client_id.clone(),
+                kind: TimerKind::SessionExpiry,
+            });
+        }
+        Ok(Slot::Offline {
+            generation,
+            session,
+            deadline,
+        })
+    }
+
+    /// The connection of `generation` closed: park its session, end it, or hand it over.
+    pub fn park(&self, generation: u64, session: Box<Session>, now: Instant) -> Parked {
+        let Entry::Occupied(mut o) = self.slots.entry(session.client_id.clone()) else {
+            return Parked::Stale(session);
+        };
+        match o.get() {
+            Slot::Online { generation: g, .. } if *g == generation => {
+                match self.offline_slot(generation, session, now) {
+                    Ok(slot) => {
+                        o.insert(slot);
+                        Parked::Offline
+                    }
+                    Err(session) => {
+                        o.remove();
+                        Parked::Ended(session)
+                    }
+                }
+            }
+            Slot::TakingOver { .. } => Parked::HandOver(session),
+            _ => Parked::Stale(session),
+        }
+    }
+
+    /// Park a session that no connection owns (a takeover gave up waiting for it, or a test
+    /// builds one) if its Client ID is free; otherwise it is returned for cleanup.
+    pub fn park_orphan(&self, session: Box<Session>, now: Instant) -> Parked {
+        let Entry::Vacant(v) = self.slots.entry(session.client_id.clone()) else {
+            return Parked::Stale(session);
+        };
+        match self.offline_slot(self.generation(), session, now) {
+            Ok(slot) => {
+                v.insert(slot);
+                Parked::Offline
+            }
+            Err(session) => Parked::Ended(session),
+        }
+    }
+
+    /// A session-expiry deadline fired: remove the session if the slot is still the parked
+    /// session it was armed for. Returns it for cleanup.
+    pub fn expire(&self, timer: &Timer) -> Option<Box<Session>> {
+        let (_, slot) = self.slots.remove_if(&timer.client_id, |_, slot| {
+            matches!(slot, Slot::Offline { generation, deadline: Some(at), .. }
+                if *generation == timer.generation && *at <= timer.at)
+        })?;
+        match slot {
+            Slot::Offline { session, .. } => Some(session),
+            _ => None,
+        }
+    }
+
+    /// Remove an offline session now (administrative delete). Returns it for cleanup.
+    pub fn remove_offline(&self, client_id: &str) -> Option<Box<Session>> {
+        let (key, slot) = self
+            .slots
+            .remove_if(client_id, |_, slot| matches!(slot, Slot::Offline { .. }))?;
+        match slot {
+            Slot::Offline {
+                session,
+                deadline,
+                generation,
+            } => {
+                if let Some(at) = deadline {
+                    self.timers.cancel(&Timer {
+                        at,
+                        generation,
+                        client_id: key,
+                        kind: TimerKind::SessionExpiry,
+                    });
+                }
+                Some(session)
+            }
+            _ => None,
+        }
+    }
+
+    /// Sessions known (online, offline or changing hands).
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True when no session exists.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Sessions parked offline.
+    pub fn offline_count(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s.value(), Slot::Offline { .. }))
+            .count()
+    }
+
+    /// Is a connection attached to `client_id` right now?
+    pub fn is_online(&self, client_id: &str) -> bool {
+        self.slots
+            .get(client_id)
+            .is_some_and(|s| !matches!(*s, Slot::Offline { .. }))
+    }
+
+    /// Run `f` on the parked session of `client_id`, if it is offline (inspection, tests).
+    pub fn with_offline<R>(&self, client_id: &str, f: impl FnOnce(&Session) -> R) -> Option<R> {
+        match self.slots.get(client_id)?.value() {
+            Slot::Offline { session, .. } => Some(f(session)),
+            _ => None,
+        }
+    }
+
+    /// Park a ready-made session directly, for tests and benchmarks of the offline path
+    /// (no connection involved). Returns false if the Client ID is taken.
+    pub fn insert_offline(&self, session: Box<Session>, now: Instant) -> bool {
+        matches!(self.park_orphan(session, now), Parked::Offline)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OverflowPolicy;
+    use crate::mailbox::{Mailbox, QueueLimits};
+    use crate::packet::ProtocolVersion;
+
+    fn session(id: &str, expiry: u32) -> Box<Session> {
+        let mb = Arc::new(Mailbox::new(QueueLimits {
+            max_messages: 10,
+            max_bytes: 1000,
+            overflow: OverflowPolicy::DropNew,
+            queue_qos0_offline: false,
+        }));
+        Box::new(Session::new(id.into(), ProtocolVersion::V311, mb, expiry))
+    }
+
+    fn control() -> (mpsc::Sender<Control>, mpsc::Receiver<Control>) {
+        mpsc::channel(4)
+    }
+
+    #[tokio::test]
+    async fn fresh_then_park_then_resume() {
+        let reg = Registry::new();
+        let id: Arc<str> = "c1".into();
+        let (tx, _rx) = control();
+        let Claim::Fresh { generation } = reg.claim(&id, &tx) else {
+            panic!("expected fresh")
+        };
+        assert!(matches!(
+            reg.park(generation, session("c1", EXPIRY_NEVER), Instant::now()),
+            Parked::Offline
+        ));
+        assert_eq!(reg.offline_count(), 1);
+        assert!(
+            reg.timers.is_empty(),
+            "never-expiring sessions arm no timer"
+        );
+        let (tx2, _rx2) = control();
+        match reg.claim(&id, &tx2) {
+            Claim::Resumed { session, .. } => assert_eq!(&*session.client_id, "c1"),
+            other => panic!("expected resumed, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn session_with_zero_expiry_ends_with_its_connection() {
+        let reg = Registry::new();
+        let (tx, _rx) = control();
+        let Claim::Fresh { generation } = reg.claim(&"c".into(), &tx) else {
+            panic!()
+        };
+        assert!(matches!(
+            reg.park(generation, session("c", 0), Instant::now()),
+            Parked::Ended(_)
+        ));
+        assert!(reg.is_empty());
+    }
+
+    #[tokio::test]
+    async fn takeover_asks_the_owner_and_blocks_a_third_claim() {
+        let reg = Registry::new();
+        let id: Arc<str> = "c".into();
+        let (tx1, mut rx1) = control();
+        let Claim::Fresh { generation: g1 } = reg.claim(&id, &tx1) else {
+            panic!()
+        };
+        let (tx2, _rx2) = control();
+        let Claim::Wait {
+            generation: g2,
+            reply,
+        } = reg.claim(&id, &tx2)
+        else {
+            panic!("expected wait")
+        };
+        let (tx3, _rx3) = control();
+        assert!(matches!(reg.claim(&id, &tx3), Claim::Busy));
+        // The old owner parks concurrently: it is told to hand over instead.
+        let s = match reg.park(g1, session("c", EXPIRY_NEVER), Instant::now()) {
+            Parked::HandOver(s) => s,
+            other => panic!("expected hand-over, got {other:?}"),
+        };
+        let Some(Control::TakeOver(back)) = rx1.recv().await else {
+            panic!("no takeover request")
+        };
+        back.send(s).unwrap();
+        let s = reply.await.unwrap();
+        assert!(reg.install(&id, g2, &tx2));
+        // The old generation can no longer park.
+        assert!(matches!(reg.park(g1, s, Instant::now()), Parked::Stale(_)));
+    }
+
+    #[tokio::test]
+    async fn expiry_timer_of_an_old_generation_does_nothing() {
+        let reg = Registry::new();
+        let id: Arc<str> = "c".into();
+        let t0 = Instant::now();
+        let (tx, _rx) = control();
+        let Claim::Fresh { generation } = reg.claim(&id, &tx) else {
+            panic!()
+        };
+        reg.park(generation, session("c", 10), t0);
+        assert_eq!(reg.timers.len(), 1);
+        // Resume: the timer is cancelled; park again with a new generation.
+        let Claim::Resumed {
+            generation: g2,
+            session: s,
+        } = reg.claim(&id, &tx)
+        else {
+            panic!()
+        };
+        assert!(reg.timers.is_empty());
+        reg.park(g2, s, t0 + Duration::from_secs(5));
+        let stale = Timer {
+            at: t0 + Duration::from_secs(10),
+            generation,
+            client_id: id.clone(),
+            kind: TimerKind::SessionExpiry,
+        };
+        assert!(reg.expire(&stale).is_none());
+        let due = reg.timers.take_due(t0 + Duration::from_secs(15));
+        assert_eq!(due.len(), 1);
+        assert!(reg.expire(&due[0]).is_some());
+        assert!(reg.is_empty());
+    }
+}

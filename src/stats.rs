@@ -1,0 +1,45 @@
+//! Broker-wide counters. Relaxed atomics: they are statistics, read for reports and tests, and
+//! never order any other memory access.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters shared by every task through `Arc<Broker>`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections accepted since start.
+    pub connections_accepted: AtomicU64,
+    /// Connections open now.
+    pub connections_current: AtomicU64,
+    /// PUBLISH packets received from clients.
+    pub publish_received: AtomicU64,
+    /// PUBLISH packets sent to clients.
+    pub publish_sent: AtomicU64,
+    /// Messages dropped because a session queue hit `max_queued_messages` or `max_queued_bytes`.
+    pub dropped_queue_full: AtomicU64,
+    /// QoS 0 messages not queued for an offline session (`queue_qos0_offline = false`).
+    pub dropped_qos0_offline: AtomicU64,
+    /// Messages not sent because they exceed the client's Maximum Packet Size [MQTT-3.1.2-24].
+    pub dropped_too_large: AtomicU64,
+    /// Retained messages not stored because `retain.max_messages` topics already hold one.
+    pub dropped_retained_full: AtomicU64,
+    /// Messages whose Message Expiry Interval passed before delivery.
+    pub dropped_expired: AtomicU64,
+    /// Sessions ended by expiry (lifetime or Session Expiry Interval).
+    pub sessions_expired: AtomicU64,
+    /// Will messages published.
+    pub wills_published: AtomicU64,
+    /// Connections closed for a protocol violation or malformed input.
+    pub protocol_errors: AtomicU64,
+}
+
+impl Stats {
+    /// Add one to a counter.
+    pub fn incr(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Read a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
