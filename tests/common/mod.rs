@@ -1,0 +1,289 @@
+//! Shared test harness: start the broker in-process on 127.0.0.1:0, and a raw-bytes client for
+//! the flows a client library hides.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tether::broker::Broker;
+use tether::codec;
+use tether::config::Config;
+use tether::packet::{Packet, ProtocolVersion};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Generous upper bound for anything a test waits on; a failing test fails, it does not hang.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// A broker running in-process on an ephemeral loopback port.
+pub struct TestBroker {
+    pub addr: SocketAddr,
+    pub broker: Arc<Broker>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestBroker {
+    /// Start with the default configuration.
+    pub async fn start() -> TestBroker {
+        TestBroker::with_config(Config::default()).await
+    }
+
+    /// Start with `config` (its `listener.bind` is ignored: the broker binds 127.0.0.1:0).
+    pub async fn with_config(config: Config) -> TestBroker {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let broker = Broker::new(Arc::new(config));
+        let (tx, rx) = oneshot::channel::<()>();
+        let b = broker.clone();
+        let task = tokio::spawn(async move {
+            tether::server::run_with(listener, b, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        TestBroker {
+            addr,
+            broker,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Shut down and wait for the broker to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+
+    /// A raw-bytes client connected to this broker.
+    pub async fn raw(&self) -> Raw {
+        Raw::connect(self.addr).await
+    }
+
+    /// rumqttc 3.1.1 options for this broker.
+    pub fn options(&self, client_id: &str) -> rumqttc::MqttOptions {
+        let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", self.addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A client that sends exact bytes and reads exact bytes.
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: BytesMut,
+    /// Protocol used to decode what the broker sends (for `recv_packet`).
+    pub version: ProtocolVersion,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+            version: ProtocolVersion::V311,
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Send a packet encoded with our codec for `self.version`.
+    pub async fn send_packet(&mut self, p: &Packet) {
+        let mut out = BytesMut::new();
+        codec::encode(p, self.version, None, &mut out).expect("encode");
+        self.send(&out).await;
+    }
+
+    /// Read exactly `n` bytes, failing the test after `WAIT`.
+    pub async fn expect_bytes(&mut self, expected: &[u8]) {
+        let got = self.read_exact(expected.len()).await;
+        assert_eq!(got, expected, "unexpected bytes from broker");
+    }
+
+    pub async fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            let read = tokio::time::timeout(WAIT, self.stream.read_buf(&mut self.buf))
+                .await
+                .expect("timed out waiting for bytes")
+                .expect("read");
+            assert!(
+                read > 0,
+                "connection closed while expecting {n} bytes, had {:?}",
+                &self.buf[..]
+            );
+        }
+        self.buf.split_to(n).to_vec()
+    }
+
+    /// Decode the next packet the broker sends (using our codec as a client-side decoder).
+    pub async fn recv_packet(&mut self) -> Packet {
+        loop {
+            if let Some(p) =
+                codec::decode(&mut self.buf, Some(self.version), usize::MAX).expect("decodable")
+            {
+                return p;
+            }
+            let read = tokio::time::timeout(WAIT, self.stream.read_buf(&mut self.buf))
+                .await
+                .expect("timed out waiting for a packet")
+                .expect("read");
+            assert!(read > 0, "connection closed while waiting for a packet");
+        }
+    }
+
+    /// The broker closes the connection (EOF or reset) within `WAIT`, with nothing else
+    /// pending first except what `allow_before` bytes describe.
+    pub async fn expect_closed(&mut self) {
+        loop {
+            match tokio::time::timeout(WAIT, self.stream.read_buf(&mut self.buf)).await {
+                Err(_) => panic!("connection not closed; buffered {:?}", &self.buf[..]),
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Nothing arrives within `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        if !self.buf.is_empty() {
+            panic!("unexpected buffered bytes {:?}", &self.buf[..]);
+        }
+        match tokio::time::timeout(d, self.stream.read_buf(&mut self.buf)).await {
+            Err(_) => {}
+            Ok(Ok(0)) => panic!("connection closed"),
+            Ok(Ok(_)) => panic!("unexpected bytes {:?}", &self.buf[..]),
+            Ok(Err(e)) => panic!("read error {e}"),
+        }
+    }
+}
+
+/// A 3.1.1 CONNECT frame.
+pub fn connect_v311(client_id: &str, clean: bool, keep_alive: u16) -> Vec<u8> {
+    let mut body = vec![
+        0x00,
+        0x04,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        0x04,
+        if clean { 0x02 } else { 0x00 },
+    ];
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    frame(0x10, &body)
+}
+
+/// A 3.1.1 CONNECT frame with a will.
+pub fn connect_v311_will(
+    client_id: &str,
+    clean: bool,
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+    retain: bool,
+) -> Vec<u8> {
+    let mut flags = 0x04 | (qos << 3);
+    if clean {
+        flags |= 0x02;
+    }
+    if retain {
+        flags |= 0x20;
+    }
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, flags, 0x00, 0x3c];
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    body.extend_from_slice(payload);
+    frame(0x10, &body)
+}
+
+/// A fixed header (type/flags byte and remaining length) followed by `body`.
+pub fn frame(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+/// A 3.1.1 PUBLISH frame.
+pub fn publish(
+    topic: &str,
+    qos: u8,
+    packet_id: u16,
+    dup: bool,
+    retain: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&packet_id.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    let first = 0x30 | (u8::from(dup) << 3) | (qos << 1) | u8::from(retain);
+    frame(first, &body)
+}
+
+/// A 3.1.1 SUBSCRIBE frame for one filter.
+pub fn subscribe(packet_id: u16, filter: &str, qos: u8) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    body.push(qos);
+    frame(0x82, &body)
+}
+
+/// A two-byte-id acknowledgement frame (PUBACK 0x40, PUBREC 0x50, PUBREL 0x62, PUBCOMP 0x70).
+pub fn ack(first: u8, packet_id: u16) -> Vec<u8> {
+    let [a, b] = packet_id.to_be_bytes();
+    vec![first, 0x02, a, b]
+}
+
+/// Wait until `cond` holds, polling; fails the test after `WAIT`.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
