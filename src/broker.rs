@@ -85,9 +85,13 @@ impl Broker {
         });
     }
 
-    /// A session's lifetime is over: remove its subscriptions from the router and close its
-    /// queue, so nothing it held keeps memory alive.
-    pub fn end_session(&self, session: Box<Session>) {
+    /// A session's lifetime is over: publish a will still waiting for its delay (the session
+    /// ending comes first, section 3.1.3.2.2), remove its subscriptions from the router and
+    /// close its queue, so nothing it held keeps memory alive.
+    pub fn end_session(&self, mut session: Box<Session>) {
+        if let Some(will) = session.pending_will.take() {
+            self.publish_will(&session.client_id, will, Instant::now());
+        }
         for filter in session.subscriptions.keys() {
             self.router
                 .unsubscribe(&session.client_id, filter, &session.mailbox);
@@ -111,7 +115,11 @@ impl Broker {
                             self.end_session(session);
                         }
                     }
-                    TimerKind::WillDelay => {}
+                    TimerKind::WillDelay => {
+                        if let Some(will) = self.registry.take_pending_will(&timer) {
+                            self.publish_will(&timer.client_id, will, Instant::now());
+                        }
+                    }
                 }
             }
         }

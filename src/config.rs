@@ -39,6 +39,13 @@ pub struct ListenerConfig {
     /// Per-connection write buffer size, in bytes, past which the broker stops moving queued
     /// messages to the socket until the client reads.
     pub max_write_buffer: usize,
+    /// Largest keep-alive accepted, in seconds; a larger or zero client value is replaced by it
+    /// (v5: returned as Server Keep Alive). 0 = no maximum.
+    pub max_keep_alive_secs: u16,
+    /// Topic aliases a v5 client may use towards the broker (Topic Alias Maximum in CONNACK).
+    pub topic_alias_maximum: u16,
+    /// Use topic aliases towards v5 clients that accept them.
+    pub outbound_topic_aliases: bool,
 }
 
 impl Default for ListenerConfig {
@@ -49,6 +56,9 @@ impl Default for ListenerConfig {
             connect_timeout_secs: 10,
             max_packet_size: 1024 * 1024,
             max_write_buffer: 256 * 1024,
+            max_keep_alive_secs: 0,
+            topic_alias_maximum: 16,
+            outbound_topic_aliases: false,
         }
     }
 }
@@ -85,6 +95,9 @@ pub struct SessionConfig {
     /// Upper bound, in seconds, on how long a 3.1.1 persistent session (Clean Session = 0)
     /// lives after its connection closes. The specification keeps them forever; 0 = forever.
     pub persistent_session_max_lifetime_secs: u64,
+    /// Upper bound on a v5 Session Expiry Interval, in seconds; a larger request is capped and
+    /// the capped value returned in CONNACK. 4294967295 = no cap (sessions may never expire).
+    pub max_session_expiry_secs: u32,
     /// Longest Client Identifier accepted, in bytes.
     pub max_client_id_len: usize,
     /// Seconds a taking-over connection waits for the old connection to hand its session back.
@@ -102,6 +115,7 @@ impl Default for SessionConfig {
             queue_qos0_offline: false,
             max_subscriptions: 1000,
             persistent_session_max_lifetime_secs: 0,
+            max_session_expiry_secs: u32::MAX,
             max_client_id_len: 256,
             takeover_timeout_secs: 5,
         }

@@ -128,10 +128,12 @@ async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown
         return;
     };
 
-    let expiry = session_expiry(&connect, broker);
+    let (expiry, expiry_capped) = session_expiry(&connect, broker);
+    let (keep_alive, keep_alive_overridden) = keep_alive(&connect, broker);
     let (mut session, present) = match old {
         Some(s) if !connect.clean_start => (s, true),
         Some(s) => {
+            // Clean Start discards the old session [MQTT-3.1.2-4, MQTT-3.1.2-6].
             broker.end_session(s);
             (
                 broker.new_session(client_id.clone(), protocol, expiry),
@@ -152,17 +154,24 @@ async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown
     info!(
         clean_start = connect.clean_start,
         session_present = present,
-        keep_alive = connect.keep_alive,
+        keep_alive,
+        session_expiry = expiry,
         "client connected"
     );
 
     let mut conn = Conn::new(broker.clone(), &connect, client_id.clone(), generation);
+    conn.keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    conn.connect_expiry = expiry;
     let mut props = ConnAckProperties::default();
     if protocol.is_v5() {
         props.assigned_client_identifier = assigned.then(|| client_id.to_string());
+        props.session_expiry_interval = expiry_capped.then_some(expiry);
+        props.server_keep_alive = keep_alive_overridden.then_some(keep_alive);
         props.receive_maximum = Some(config.session.max_inbound_inflight);
         props.maximum_packet_size = u32::try_from(config.listener.max_packet_size).ok();
-        props.shared_subscription_available = Some(0);
+        props.topic_alias_maximum = (config.listener.topic_alias_maximum > 0)
+            .then_some(config.listener.topic_alias_maximum);
+        props.shared_subscription_available = Some(1);
         props.subscription_identifiers_available = Some(1);
         props.wildcard_subscription_available = Some(1);
         props.retain_available = Some(1);
@@ -242,15 +251,36 @@ fn client_identifier(connect: &Connect, broker: &Broker) -> Option<(Arc<str>, bo
     Some((connect.client_id.as_str().into(), false))
 }
 
-/// The session's lifetime after the connection closes, in seconds.
-fn session_expiry(connect: &Connect, broker: &Broker) -> u32 {
+/// The session's lifetime after the connection closes, in seconds, and whether the server's
+/// cap lowered what the client asked for (v5 then reports it in CONNACK).
+fn session_expiry(connect: &Connect, broker: &Broker) -> (u32, bool) {
     match connect.protocol {
-        ProtocolVersion::V5 => connect.properties.session_expiry_interval.unwrap_or(0),
-        _ if connect.clean_start => 0,
+        ProtocolVersion::V5 => {
+            let asked = connect.properties.session_expiry_interval.unwrap_or(0);
+            let cap = broker.config.session.max_session_expiry_secs;
+            (asked.min(cap), asked > cap)
+        }
+        // 3.1.1 Clean Session 1 is Clean Start 1 with expiry 0; Clean Session 0 is Clean
+        // Start 0 with expiry "never", or the configured lifetime bound.
+        _ if connect.clean_start => (0, false),
         _ => match broker.config.session.persistent_lifetime() {
-            None => EXPIRY_NEVER,
-            Some(d) => u32::try_from(d.as_secs()).unwrap_or(EXPIRY_NEVER - 1),
+            None => (EXPIRY_NEVER, false),
+            Some(d) => (
+                u32::try_from(d.as_secs()).unwrap_or(EXPIRY_NEVER - 1),
+                false,
+            ),
         },
+    }
+}
+
+/// The keep-alive to enforce, and whether it overrides the client's (a configured maximum
+/// replaces a larger or zero value; v5 clients are told through Server Keep Alive).
+fn keep_alive(connect: &Connect, broker: &Broker) -> (u16, bool) {
+    let max = broker.config.listener.max_keep_alive_secs;
+    if max > 0 && (connect.keep_alive == 0 || connect.keep_alive > max) {
+        (max, true)
+    } else {
+        (connect.keep_alive, false)
     }
 }
 
@@ -399,10 +429,24 @@ async fn finish(
     }
     if conn.protocol.is_v5() {
         if let Some(reason) = exit.server_reason() {
-            conn.send(&Packet::Disconnect(Disconnect {
+            // The reason string explains protocol errors; it is dropped if the client's
+            // Maximum Packet Size has no room for it.
+            let reason_string = match &exit {
+                Exit::Violation(_, why) => Some(why.to_string()),
+                Exit::Decode(e) => Some(e.to_string()),
+                _ => None,
+            };
+            let with_string = Packet::Disconnect(Disconnect {
                 reason,
+                reason_string,
                 ..Disconnect::default()
-            }));
+            });
+            if !conn.send(&with_string) {
+                conn.send(&Packet::Disconnect(Disconnect {
+                    reason,
+                    ..Disconnect::default()
+                }));
+            }
         }
     }
     if let Exit::ClientDisconnect {
@@ -410,11 +454,19 @@ async fn finish(
         ..
     } = exit
     {
-        session.expiry_interval = expiry;
+        // Validated in `protocol` (not from 0 to non-zero); capped like the CONNECT value.
+        session.expiry_interval = expiry.min(broker.config.session.max_session_expiry_secs);
     }
     if exit.publishes_will() {
         if let Some(will) = conn.will.take() {
-            broker.publish_will(&conn.client_id, will, now);
+            let ends_now = session.expiry_interval == 0;
+            if will.delay_interval == 0 || ends_now {
+                broker.publish_will(&conn.client_id, will, now);
+            } else {
+                // Published when the delay or the session ends, unless a connection resumes
+                // the session first (a takeover counts) [MQTT-3.1.3-9].
+                session.pending_will = Some(will);
+            }
         }
     }
 

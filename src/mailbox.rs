@@ -169,6 +169,13 @@ impl Mailbox {
         Some(d)
     }
 
+    /// Could this queue take a message right now without dropping anything, with a
+    /// connection attached to drain it? (Shared subscriptions prefer such members.)
+    pub fn can_take_now(&self) -> bool {
+        let q = self.lock();
+        q.online && !q.closed && q.queue.len() < self.limits.max_messages
+    }
+
     /// Mark the session attached to a connection (queue QoS 0) or not.
     pub fn set_online(&self, online: bool) {
         self.lock().online = online;

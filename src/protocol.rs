@@ -3,6 +3,7 @@
 //! mailboxes, and replies are encoded into the connection's write buffer, which the connection
 //! task flushes once per wake-up.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -114,6 +115,16 @@ pub struct Conn {
     pub peer_max_packet: Option<usize>,
     /// Encoded packets waiting to be written; flushed once per wake-up.
     pub out: BytesMut,
+    /// Session Expiry Interval set at CONNECT: a DISCONNECT may not raise it from 0.
+    pub connect_expiry: u32,
+    /// The client asked for reason strings (v5 Request Problem Information, default 1).
+    pub problem_info: bool,
+    /// Inbound topic aliases (v5): alias -> topic; at most `listener.topic_alias_maximum`.
+    aliases_in: HashMap<u16, String>,
+    /// Outbound topic aliases (v5): topic -> alias; at most the client's Topic Alias Maximum.
+    aliases_out: HashMap<String, u16>,
+    /// How many outbound aliases the client accepts (0 when disabled by configuration).
+    alias_out_max: u16,
 }
 
 impl Conn {
@@ -138,6 +149,15 @@ impl Conn {
                 .maximum_packet_size
                 .and_then(|m| usize::try_from(m).ok()),
             out: BytesMut::with_capacity(4096),
+            connect_expiry: 0,
+            problem_info: c.properties.request_problem_information != Some(0),
+            aliases_in: HashMap::new(),
+            aliases_out: HashMap::new(),
+            alias_out_max: if broker.config.listener.outbound_topic_aliases {
+                c.properties.topic_alias_maximum.unwrap_or(0)
+            } else {
+                0
+            },
             broker,
         }
     }
@@ -154,7 +174,9 @@ impl Conn {
                     packet = p.name(),
                     "not sent: larger than the client's maximum"
                 );
-                Stats::incr(&self.broker.stats.dropped_too_large);
+                if matches!(p, Packet::Publish(_)) {
+                    Stats::incr(&self.broker.stats.dropped_too_large);
+                }
                 false
             }
             Err(e) => {
@@ -181,15 +203,66 @@ impl Conn {
                 Stats::incr(&self.broker.stats.dropped_expired);
                 continue;
             }
-            let publish = s.start_delivery(d, now);
+            let mut publish = s.start_delivery(d, now);
             let packet_id = publish.packet_id;
+            let new_alias = self.apply_outbound_alias(&mut publish);
             if self.send(&Packet::Publish(publish)) {
                 Stats::incr(&self.broker.stats.publish_sent);
+                // Only a mapping the client has actually received may be relied on later.
+                if let Some((topic, alias)) = new_alias {
+                    self.aliases_out.insert(topic, alias);
+                }
             } else if packet_id != 0 {
                 // Never sent, so it must not wait for an acknowledgement.
                 s.forget(packet_id);
             }
         }
+    }
+
+    /// Replace the topic by an alias the client already knows, or assign a new alias while
+    /// the client's maximum allows. Returns a new mapping to record once the PUBLISH is out.
+    fn apply_outbound_alias(&self, p: &mut Publish) -> Option<(String, u16)> {
+        if self.alias_out_max == 0 {
+            return None;
+        }
+        if let Some(&alias) = self.aliases_out.get(&p.topic) {
+            p.properties.topic_alias = Some(alias);
+            p.topic.clear();
+            return None;
+        }
+        let next = u16::try_from(self.aliases_out.len() + 1).ok()?;
+        if next > self.alias_out_max {
+            return None;
+        }
+        p.properties.topic_alias = Some(next);
+        Some((p.topic.clone(), next))
+    }
+
+    /// Resolve an inbound topic alias into the topic name (v5 section 3.3.2.3.4).
+    fn resolve_alias(&mut self, p: &mut Publish) -> Result<(), Exit> {
+        let Some(alias) = p.properties.topic_alias.take() else {
+            return Ok(());
+        };
+        if alias == 0 || alias > self.broker.config.listener.topic_alias_maximum {
+            return Err(Exit::Violation(
+                ReasonCode::TOPIC_ALIAS_INVALID,
+                "topic alias is 0 or above the Topic Alias Maximum",
+            ));
+        }
+        if p.topic.is_empty() {
+            match self.aliases_in.get(&alias) {
+                Some(topic) => p.topic = topic.clone(),
+                None => {
+                    return Err(Exit::Violation(
+                        ReasonCode::PROTOCOL_ERROR,
+                        "topic alias not yet mapped",
+                    ))
+                }
+            }
+        } else {
+            self.aliases_in.insert(alias, p.topic.clone());
+        }
+        Ok(())
     }
 
     /// Handle one packet from the client.
@@ -231,10 +304,20 @@ impl Conn {
                 self.send(&Packet::PingResp);
                 Ok(())
             }
-            Packet::Disconnect(d) => Err(Exit::ClientDisconnect {
-                with_will: d.reason == ReasonCode::DISCONNECT_WITH_WILL,
-                session_expiry: d.session_expiry_interval,
-            }),
+            Packet::Disconnect(d) => {
+                if self.connect_expiry == 0 && d.session_expiry_interval.is_some_and(|e| e > 0) {
+                    // Not a valid DISCONNECT: the session ends as set at CONNECT, and the
+                    // will is published (section 3.14.2.2.2).
+                    return Err(Exit::Violation(
+                        ReasonCode::PROTOCOL_ERROR,
+                        "DISCONNECT raised a zero Session Expiry Interval",
+                    ));
+                }
+                Err(Exit::ClientDisconnect {
+                    with_will: d.reason == ReasonCode::DISCONNECT_WITH_WILL,
+                    session_expiry: d.session_expiry_interval,
+                })
+            }
             Packet::Auth(_) => Err(Exit::Violation(
                 ReasonCode::PROTOCOL_ERROR,
                 "AUTH without enhanced authentication",
@@ -252,8 +335,9 @@ impl Conn {
         }
     }
 
-    fn on_publish(&mut self, s: &mut Session, p: Publish, now: Instant) -> Result<(), Exit> {
+    fn on_publish(&mut self, s: &mut Session, mut p: Publish, now: Instant) -> Result<(), Exit> {
         Stats::incr(&self.broker.stats.publish_received);
+        self.resolve_alias(&mut p)?;
         if !topic::valid_topic_name(&p.topic) {
             return Err(Exit::Violation(
                 ReasonCode::TOPIC_NAME_INVALID,
@@ -284,8 +368,7 @@ impl Conn {
                 }
             }
         }
-        let mut properties = p.properties;
-        properties.topic_alias = None;
+        let properties = p.properties;
         let expires_at = properties
             .message_expiry_interval
             .map(|secs| now + Duration::from_secs(u64::from(secs)));
@@ -312,29 +395,30 @@ impl Conn {
     }
 
     fn on_subscribe(&mut self, s: &mut Session, sub: Subscribe, now: Instant) -> Result<(), Exit> {
-        let failure = ReasonCode::UNSPECIFIED_ERROR;
         let mut reasons = Vec::with_capacity(sub.filters.len());
         let mut retained = Vec::new();
         for f in &sub.filters {
-            let filter = match topic::parse_shared(&f.filter) {
-                Ok(None) => f.filter.as_str(),
-                Ok(Some(_)) => {
-                    reasons.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
-                    continue;
-                }
+            let (inner, shared) = match topic::parse_shared(&f.filter) {
+                Ok(None) => (f.filter.as_str(), false),
+                Ok(Some((_, inner))) => (inner, true),
                 Err(_) => {
-                    reasons.push(ReasonCode::TOPIC_FILTER_INVALID);
+                    reasons.push(self.filter_invalid());
                     continue;
                 }
             };
-            if !topic::valid_topic_filter(filter) {
-                reasons.push(if self.protocol.is_v5() {
-                    ReasonCode::TOPIC_FILTER_INVALID
-                } else {
-                    failure
-                });
+            if !topic::valid_topic_filter(inner) {
+                reasons.push(self.filter_invalid());
                 continue;
             }
+            if shared && f.no_local {
+                return Err(Exit::Violation(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "No Local on a shared subscription [MQTT-3.8.3-4]",
+                ));
+            }
+            // The session keeps the filter as subscribed, `$share/` prefix included: that is
+            // what UNSUBSCRIBE names and what the router parses.
+            let filter = f.filter.as_str();
             if !s.subscriptions.contains_key(filter)
                 && s.subscriptions.len() >= self.broker.config.session.max_subscriptions
             {
@@ -355,11 +439,13 @@ impl Conn {
                 },
             );
             reasons.push(ReasonCode(subscription.qos as u8));
-            let send_retained = match subscription.retain_handling {
-                RetainHandling::OnSubscribe => true,
-                RetainHandling::OnNewSubscribe => !existed,
-                RetainHandling::Never => false,
-            };
+            // No retained messages for shared subscriptions (section 4.8.2).
+            let send_retained = !shared
+                && match subscription.retain_handling {
+                    RetainHandling::OnSubscribe => true,
+                    RetainHandling::OnNewSubscribe => !existed,
+                    RetainHandling::Never => false,
+                };
             if send_retained {
                 retained.push((filter.to_string(), subscription));
             }
@@ -386,6 +472,15 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// SUBACK code for a filter that is not valid: 0x8F in v5, 0x80 in 3.1.1.
+    fn filter_invalid(&self) -> ReasonCode {
+        if self.protocol.is_v5() {
+            ReasonCode::TOPIC_FILTER_INVALID
+        } else {
+            ReasonCode::UNSPECIFIED_ERROR
+        }
     }
 
     fn on_unsubscribe(&mut self, s: &mut Session, u: Unsubscribe) {

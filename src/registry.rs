@@ -47,6 +47,8 @@ pub enum Slot {
         session: Box<Session>,
         /// When it expires; `None` = never (no timer armed).
         deadline: Option<Instant>,
+        /// When its delayed will is published, if that comes before the expiry (v5).
+        will_at: Option<Instant>,
     },
     /// A new connection asked the owner to hand the session over and is waiting for it.
     TakingOver {
@@ -163,19 +165,13 @@ impl Registry {
                     let Slot::Offline {
                         session,
                         deadline,
+                        will_at,
                         generation: old_gen,
                     } = old
                     else {
                         unreachable!("matched Offline above")
                     };
-                    if let Some(at) = deadline {
-                        self.timers.cancel(&Timer {
-                            at,
-                            generation: old_gen,
-                            client_id: client_id.clone(),
-                            kind: TimerKind::SessionExpiry,
-                        });
-                    }
+                    self.disarm(client_id, old_gen, deadline, will_at);
                     Claim::Resumed {
                         generation,
                         session,
@@ -228,19 +224,55 @@ impl Registry {
         session.mailbox.set_online(false);
         let deadline = (session.expiry_interval != EXPIRY_NEVER)
             .then(|| now + Duration::from_secs(u64::from(session.expiry_interval)));
-        if let Some(at) = deadline {
-            self.timers.arm(Timer {
-                at,
-                generation,
-                client_id: session.client_id.clone(),
-                kind: TimerKind::SessionExpiry,
-            });
+        // A will delay that outlasts the session needs no timer of its own: the will goes out
+        // when the session ends [MQTT-3.1.3-9 context, section 3.1.3.2.2].
+        let will_at = session
+            .pending_will
+            .as_ref()
+            .map(|w| now + Duration::from_secs(u64::from(w.delay_interval)))
+            .filter(|at| deadline.is_none_or(|d| *at < d));
+        for (at, kind) in [
+            (deadline, TimerKind::SessionExpiry),
+            (will_at, TimerKind::WillDelay),
+        ] {
+            if let Some(at) = at {
+                self.timers.arm(Timer {
+                    at,
+                    generation,
+                    client_id: session.client_id.clone(),
+                    kind,
+                });
+            }
         }
         Ok(Slot::Offline {
             generation,
             session,
             deadline,
+            will_at,
         })
+    }
+
+    /// Cancel the timers of an Offline slot that is being resumed or removed.
+    fn disarm(
+        &self,
+        client_id: &Arc<str>,
+        generation: u64,
+        deadline: Option<Instant>,
+        will_at: Option<Instant>,
+    ) {
+        for (at, kind) in [
+            (deadline, TimerKind::SessionExpiry),
+            (will_at, TimerKind::WillDelay),
+        ] {
+            if let Some(at) = at {
+                self.timers.cancel(&Timer {
+                    at,
+                    generation,
+                    client_id: client_id.clone(),
+                    kind,
+                });
+            }
+        }
     }
 
     /// The connection of `generation` closed: park its session, end it, or hand it over.
@@ -282,14 +314,40 @@ impl Registry {
     }
 
     /// A session-expiry deadline fired: remove the session if the slot is still the parked
-    /// session it was armed for. Returns it for cleanup.
+    /// session it was armed for. Returns it for cleanup (which publishes a pending will).
     pub fn expire(&self, timer: &Timer) -> Option<Box<Session>> {
-        let (_, slot) = self.slots.remove_if(&timer.client_id, |_, slot| {
+        let (key, slot) = self.slots.remove_if(&timer.client_id, |_, slot| {
             matches!(slot, Slot::Offline { generation, deadline: Some(at), .. }
                 if *generation == timer.generation && *at <= timer.at)
         })?;
         match slot {
-            Slot::Offline { session, .. } => Some(session),
+            Slot::Offline {
+                session,
+                will_at,
+                generation,
+                ..
+            } => {
+                self.disarm(&key, generation, None, will_at);
+                Some(session)
+            }
+            _ => None,
+        }
+    }
+
+    /// A will-delay deadline fired: take the pending will of the parked session it was armed
+    /// for, if the session is still parked and has not been resumed since.
+    pub fn take_pending_will(&self, timer: &Timer) -> Option<crate::packet::Will> {
+        let mut slot = self.slots.get_mut(&timer.client_id)?;
+        match &mut *slot {
+            Slot::Offline {
+                generation,
+                session,
+                will_at,
+                ..
+            } if *generation == timer.generation && *will_at == Some(timer.at) => {
+                *will_at = None;
+                session.pending_will.take()
+            }
             _ => None,
         }
     }
@@ -303,16 +361,10 @@ impl Registry {
             Slot::Offline {
                 session,
                 deadline,
+                will_at,
                 generation,
             } => {
-                if let Some(at) = deadline {
-                    self.timers.cancel(&Timer {
-                        at,
-                        generation,
-                        client_id: key,
-                        kind: TimerKind::SessionExpiry,
-                    });
-                }
+                self.disarm(&key, generation, deadline, will_at);
                 Some(session)
             }
             _ => None,

@@ -5,13 +5,18 @@
 //! into one delivery per matching session. Routing pushes into mailboxes synchronously, so a
 //! publish has reached every matching session's queue before the publisher is acknowledged.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
 
 use crate::index::TopicIndex;
 use crate::mailbox::Mailbox;
 use crate::message::{Delivery, Message};
+use crate::packet::QoS;
 use crate::session::Subscription;
 use crate::stats::Stats;
+use crate::topic;
 
 /// What the index stores for one subscription.
 #[derive(Debug, Clone)]
@@ -22,11 +27,61 @@ pub struct SubEntry {
     pub sub: Subscription,
 }
 
+/// One member of a shared subscription group.
+#[derive(Debug, Clone)]
+struct Member {
+    client_id: Arc<str>,
+    entry: SubEntry,
+}
+
+/// A shared subscription `$share/{group}/{filter}`: each message goes to one member.
+#[derive(Debug, Default)]
+pub struct SharedGroup {
+    /// Members in subscription order; a std mutex held only to pick or edit a member.
+    members: Mutex<Vec<Member>>,
+    /// Round-robin cursor.
+    next: AtomicUsize,
+}
+
+impl SharedGroup {
+    fn members(&self) -> std::sync::MutexGuard<'_, Vec<Member>> {
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pick the member for the next message: round-robin over members that are connected and
+    /// whose queue has room, so an offline or slow member is not a black hole; when none
+    /// can take it now, the next member in turn queues it (its queue limits apply).
+    fn pick(&self) -> Option<SubEntry> {
+        let members = self.members();
+        let n = members.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let ready = (0..n)
+            .map(|i| &members[(start + i) % n])
+            .find(|m| m.entry.mailbox.can_take_now());
+        Some(ready.unwrap_or(&members[start]).entry.clone())
+    }
+}
+
+/// What the index stores under one (filter, key).
+#[derive(Debug, Clone)]
+enum Target {
+    /// An ordinary subscription of the session named by the key.
+    Direct(SubEntry),
+    /// A shared subscription group; the key is the group's reserved name.
+    Shared(Arc<SharedGroup>),
+}
+
 /// The router. Owned by the `Broker`; its index takes concurrent readers (publishers) and
 /// short exclusive writers (subscribe/unsubscribe).
 #[derive(Default)]
 pub struct Router {
-    index: TopicIndex<SubEntry>,
+    index: TopicIndex<Target>,
+    /// (share name, filter) -> group. Its shard lock also serialises the index insert and
+    /// remove of that group, so a group is in the index exactly while it has members.
+    groups: DashMap<(Box<str>, Box<str>), Arc<SharedGroup>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -37,23 +92,72 @@ impl std::fmt::Debug for Router {
     }
 }
 
+/// The index key of a shared group. Client IDs cannot contain U+0000, so it never collides.
+fn group_key(share: &str) -> Arc<str> {
+    format!("\0{share}").into()
+}
+
 impl Router {
-    /// Add or replace `client_id`'s subscription to `filter`.
+    /// Add or replace `client_id`'s subscription to `filter` (which may be a
+    /// `$share/{group}/{filter}` shared subscription; the caller validated it).
     pub fn subscribe(&self, client_id: &Arc<str>, filter: &str, entry: SubEntry) {
-        self.index.insert(filter, client_id, entry);
+        match topic::parse_shared(filter) {
+            Ok(Some((share, inner))) => {
+                let group = self
+                    .groups
+                    .entry((share.into(), inner.into()))
+                    .or_insert_with(|| {
+                        let g = Arc::new(SharedGroup::default());
+                        self.index
+                            .insert(inner, &group_key(share), Target::Shared(g.clone()));
+                        g
+                    });
+                let mut members = group.members();
+                members.retain(|m| m.client_id != *client_id);
+                members.push(Member {
+                    client_id: client_id.clone(),
+                    entry,
+                });
+            }
+            _ => {
+                self.index.insert(filter, client_id, Target::Direct(entry));
+            }
+        }
     }
 
     /// Remove `client_id`'s subscription to `filter` if it belongs to the session owning
     /// `mailbox` (a later session of the same Client ID may have subscribed it anew).
     pub fn unsubscribe(&self, client_id: &Arc<str>, filter: &str, mailbox: &Arc<Mailbox>) {
-        if let Some(old) = self.index.remove(filter, client_id) {
-            if !Arc::ptr_eq(&old.mailbox, mailbox) {
-                self.index.insert(filter, client_id, old);
+        match topic::parse_shared(filter) {
+            Ok(Some((share, inner))) => {
+                let key = (Box::<str>::from(share), Box::<str>::from(inner));
+                self.groups.remove_if(&key, |_, group| {
+                    // The members lock is released before the index write lock is taken:
+                    // routing holds the index read lock while it takes a members lock.
+                    let empty = {
+                        let mut members = group.members();
+                        members.retain(|m| {
+                            !(m.client_id == *client_id && Arc::ptr_eq(&m.entry.mailbox, mailbox))
+                        });
+                        members.is_empty()
+                    };
+                    if empty {
+                        self.index.remove(inner, &group_key(share));
+                    }
+                    empty
+                });
+            }
+            _ => {
+                if let Some(old) = self.index.remove(filter, client_id) {
+                    if !matches!(&old, Target::Direct(e) if Arc::ptr_eq(&e.mailbox, mailbox)) {
+                        self.index.insert(filter, client_id, old);
+                    }
+                }
             }
         }
     }
 
-    /// Total (filter, session) subscriptions.
+    /// Entries in the index: one per ordinary subscription, one per shared group.
     pub fn len(&self) -> usize {
         self.index.len()
     }
@@ -68,16 +172,32 @@ impl Router {
     /// Identifier [MQTT-3.3.5-1]. Returns the number of sessions it was queued for.
     pub fn route(&self, msg: &Arc<Message>, stats: &Stats) -> usize {
         let mut targets: Vec<(Arc<Mailbox>, Subscription)> = Vec::new();
-        self.index.for_each_match(&msg.topic, |client_id, e| {
-            if e.sub.no_local && msg.publisher.as_deref() == Some(&**client_id) {
-                return;
-            }
-            targets.push((e.mailbox.clone(), e.sub));
-        });
+        let mut shared: Vec<SubEntry> = Vec::new();
+        self.index
+            .for_each_match(&msg.topic, |client_id, target| match target {
+                Target::Direct(e) => {
+                    if e.sub.no_local && msg.publisher.as_deref() == Some(&**client_id) {
+                        return;
+                    }
+                    targets.push((e.mailbox.clone(), e.sub));
+                }
+                Target::Shared(group) => shared.extend(group.pick()),
+            });
+        let mut queued = 0;
+        // A shared delivery is separate from the session's ordinary subscriptions.
+        for e in shared {
+            queued += usize::from(deliver(
+                &e.mailbox,
+                msg,
+                e.sub.qos,
+                e.sub.retain_as_published,
+                e.sub.identifier.into_iter().collect(),
+                stats,
+            ));
+        }
         if targets.len() > 1 {
             targets.sort_unstable_by_key(|(mb, _)| Arc::as_ptr(mb) as usize);
         }
-        let mut queued = 0;
         let mut i = 0;
         while i < targets.len() {
             let mailbox = &targets[i].0;
@@ -92,22 +212,32 @@ impl Router {
                 ids.extend(s.identifier);
                 j += 1;
             }
-            let delivery = Delivery {
-                msg: msg.clone(),
-                qos: qos.min(msg.qos),
-                // Messages forwarded to existing subscriptions carry RETAIN = 0 unless the v5
-                // subscription asked for Retain As Published [MQTT-3.3.1-9, 3.3.1-12].
-                retain: msg.retain && retain_as_published,
-                subscription_ids: ids,
-            };
-            if matches!(
-                mailbox.push(delivery, stats),
-                crate::mailbox::Pushed::Queued | crate::mailbox::Pushed::QueuedDroppingOldest(_)
-            ) {
-                queued += 1;
-            }
+            queued += usize::from(deliver(mailbox, msg, qos, retain_as_published, ids, stats));
             i = j;
         }
         queued
     }
+}
+
+/// Queue one delivery of `msg` granted at `granted`; true if it was queued.
+fn deliver(
+    mailbox: &Mailbox,
+    msg: &Arc<Message>,
+    granted: QoS,
+    retain_as_published: bool,
+    subscription_ids: Vec<u32>,
+    stats: &Stats,
+) -> bool {
+    let delivery = Delivery {
+        msg: msg.clone(),
+        qos: granted.min(msg.qos),
+        // Messages forwarded to existing subscriptions carry RETAIN = 0 unless the v5
+        // subscription asked for Retain As Published [MQTT-3.3.1-9, 3.3.1-12].
+        retain: msg.retain && retain_as_published,
+        subscription_ids,
+    };
+    matches!(
+        mailbox.push(delivery, stats),
+        crate::mailbox::Pushed::Queued | crate::mailbox::Pushed::QueuedDroppingOldest(_)
+    )
 }
