@@ -385,6 +385,7 @@ impl<V: Clone + Send + Sync> TopicIndex<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::XorShift;
     use crate::topic::matches;
     use std::collections::BTreeSet;
 
@@ -498,25 +499,9 @@ mod tests {
         drop(index);
     }
 
-    /// xorshift64: deterministic, so a failure reproduces.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
-
     const LEVELS: [&str; 6] = ["a", "b", "c", "", "$SYS", "é"];
 
-    fn random_filter(rng: &mut Rng) -> String {
+    fn random_filter(rng: &mut XorShift) -> String {
         let depth = 1 + rng.below(4);
         let mut levels: Vec<&str> = (0..depth)
             .map(|_| match rng.below(4) {
@@ -536,7 +521,7 @@ mod tests {
         non_empty(levels.join("/"))
     }
 
-    fn random_topic(rng: &mut Rng) -> String {
+    fn random_topic(rng: &mut XorShift) -> String {
         let depth = 1 + rng.below(5);
         let levels: Vec<&str> = (0..depth)
             .map(|_| LEVELS[rng.below(LEVELS.len())])
@@ -574,7 +559,7 @@ mod tests {
 
     #[test]
     fn randomized_cross_check_with_matches() {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
         let index = TopicIndex::new();
         // (filter, key, value); value is unique per entry so the comparison is exact.
         let mut entries = BTreeSet::new();

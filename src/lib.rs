@@ -21,4 +21,6 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod stats;
+#[cfg(test)]
+mod testutil;
 pub mod topic;

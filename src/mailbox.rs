@@ -217,23 +217,7 @@ mod tests {
 
     use super::*;
     use crate::message::Message;
-
-    fn delivery(qos: QoS, payload: &'static [u8]) -> Delivery {
-        Delivery {
-            msg: Arc::new(Message {
-                topic: "t".into(),
-                payload: bytes::Bytes::from_static(payload),
-                qos,
-                retain: false,
-                properties: Default::default(),
-                expires_at: None,
-                publisher: None,
-            }),
-            qos,
-            retain: false,
-            subscription_ids: vec![],
-        }
-    }
+    use crate::testutil::delivery;
 
     fn limits(max_messages: usize, max_bytes: usize, overflow: OverflowPolicy) -> QueueLimits {
         QueueLimits {

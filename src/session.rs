@@ -310,7 +310,7 @@ mod tests {
     use super::*;
     use crate::config::OverflowPolicy;
     use crate::mailbox::QueueLimits;
-    use crate::message::Message;
+    use crate::testutil::delivery;
 
     fn session() -> Session {
         let mb = Arc::new(Mailbox::new(QueueLimits {
@@ -322,29 +322,12 @@ mod tests {
         Session::new("c".into(), ProtocolVersion::V311, mb, EXPIRY_NEVER)
     }
 
-    fn delivery(qos: QoS, payload: &'static str) -> Delivery {
-        Delivery {
-            msg: Arc::new(Message {
-                topic: "a/b".into(),
-                payload: bytes::Bytes::from_static(payload.as_bytes()),
-                qos,
-                retain: false,
-                properties: Default::default(),
-                expires_at: None,
-                publisher: None,
-            }),
-            qos,
-            retain: false,
-            subscription_ids: vec![],
-        }
-    }
-
     #[test]
     fn qos1_flow_allocates_ids_and_completes_on_puback() {
         let now = Instant::now();
         let mut s = session();
-        let p1 = s.start_delivery(delivery(QoS::AtLeastOnce, "1"), now);
-        let p2 = s.start_delivery(delivery(QoS::AtLeastOnce, "2"), now);
+        let p1 = s.start_delivery(delivery(QoS::AtLeastOnce, b"1"), now);
+        let p2 = s.start_delivery(delivery(QoS::AtLeastOnce, b"2"), now);
         assert_ne!(p1.packet_id, 0);
         assert_ne!(p1.packet_id, p2.packet_id);
         assert_eq!(s.inflight_len(), 2);
@@ -359,7 +342,7 @@ mod tests {
     #[test]
     fn qos0_never_enters_the_window() {
         let mut s = session();
-        let p = s.start_delivery(delivery(QoS::AtMostOnce, "x"), Instant::now());
+        let p = s.start_delivery(delivery(QoS::AtMostOnce, b"x"), Instant::now());
         assert_eq!(p.packet_id, 0);
         assert_eq!(s.inflight_len(), 0);
     }
@@ -367,7 +350,7 @@ mod tests {
     #[test]
     fn qos2_flow_pubrec_pubrel_pubcomp() {
         let mut s = session();
-        let p = s.start_delivery(delivery(QoS::ExactlyOnce, "x"), Instant::now());
+        let p = s.start_delivery(delivery(QoS::ExactlyOnce, b"x"), Instant::now());
         assert!(
             !s.on_pubcomp(p.packet_id),
             "PUBCOMP before PUBREC is not accepted"
@@ -391,7 +374,7 @@ mod tests {
             ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
         );
         // A v5 refusal ends the flow without PUBREL.
-        let q = s.start_delivery(delivery(QoS::ExactlyOnce, "y"), Instant::now());
+        let q = s.start_delivery(delivery(QoS::ExactlyOnce, b"y"), Instant::now());
         assert_eq!(s.on_pubrec(q.packet_id, ReasonCode::QUOTA_EXCEEDED), None);
         assert_eq!(s.inflight_len(), 0);
     }
@@ -402,9 +385,9 @@ mod tests {
     fn resend_uses_original_ids_dup_and_pubrel() {
         let now = Instant::now();
         let mut s = session();
-        let a = s.start_delivery(delivery(QoS::AtLeastOnce, "a"), now);
-        let b = s.start_delivery(delivery(QoS::ExactlyOnce, "b"), now);
-        let c = s.start_delivery(delivery(QoS::ExactlyOnce, "c"), now);
+        let a = s.start_delivery(delivery(QoS::AtLeastOnce, b"a"), now);
+        let b = s.start_delivery(delivery(QoS::ExactlyOnce, b"b"), now);
+        let c = s.start_delivery(delivery(QoS::ExactlyOnce, b"c"), now);
         s.on_pubrec(b.packet_id, ReasonCode::SUCCESS);
         let again = s.resend(now);
         assert_eq!(again.len(), 3);
@@ -432,12 +415,12 @@ mod tests {
         let now = Instant::now();
         let mut s = session();
         s.next_packet_id = u16::MAX;
-        let a = s.start_delivery(delivery(QoS::AtLeastOnce, "a"), now);
+        let a = s.start_delivery(delivery(QoS::AtLeastOnce, b"a"), now);
         assert_eq!(a.packet_id, u16::MAX);
-        let b = s.start_delivery(delivery(QoS::AtLeastOnce, "b"), now);
+        let b = s.start_delivery(delivery(QoS::AtLeastOnce, b"b"), now);
         assert_eq!(b.packet_id, 1, "ids wrap to 1, never 0");
         s.next_packet_id = u16::MAX;
-        let c = s.start_delivery(delivery(QoS::AtLeastOnce, "c"), now);
+        let c = s.start_delivery(delivery(QoS::AtLeastOnce, b"c"), now);
         assert_eq!(c.packet_id, 2, "ids in flight are skipped");
     }
 
@@ -460,7 +443,7 @@ mod tests {
     #[test]
     fn v5_delivery_carries_remaining_expiry_and_subscription_ids() {
         let now = Instant::now();
-        let mut d = delivery(QoS::AtMostOnce, "x");
+        let mut d = delivery(QoS::AtMostOnce, b"x");
         Arc::make_mut(&mut d.msg).expires_at = Some(now + std::time::Duration::from_millis(2500));
         d.subscription_ids = vec![3, 9];
         let p = outbound_publish(&d, 0, false, ProtocolVersion::V5, now);

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::packet::*;
+use crate::testutil::XorShift;
 use bytes::Bytes;
 
 const MAX: usize = 1 << 20;
@@ -1331,20 +1332,6 @@ fn we_decode_what_mqttbytes_encodes() {
 }
 
 // ---------------------------------------------------------------- fuzz
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 /// Decodes everything in `bytes`; whatever decodes must re-encode and decode to itself.
 /// Returns how many packets decoded.
