@@ -31,6 +31,12 @@ pub struct Broker {
     pub retained: RetainStore,
     /// Counters.
     pub stats: Stats,
+    /// Source of server-assigned Client IDs: a counter hashed with this process's random
+    /// SipHash keys, so assigned IDs are unique and cannot be guessed to hijack a session.
+    assigned_ids: (
+        std::sync::atomic::AtomicU64,
+        std::collections::hash_map::RandomState,
+    ),
 }
 
 impl Broker {
@@ -42,7 +48,24 @@ impl Broker {
             registry: Registry::new(),
             router: Router::default(),
             stats: Stats::default(),
+            assigned_ids: Default::default(),
         })
+    }
+
+    /// A fresh Client ID for a client that sent an empty one [MQTT-3.1.3-6], never one that is
+    /// in use.
+    pub fn assign_client_id(&self) -> Arc<str> {
+        use std::hash::BuildHasher;
+        loop {
+            let n = self
+                .assigned_ids
+                .0
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let id: Arc<str> = format!("tether-{:016x}", self.assigned_ids.1.hash_one(n)).into();
+            if !self.registry.contains(&id) {
+                return id;
+            }
+        }
     }
 
     /// A new empty session with this broker's queue limits.

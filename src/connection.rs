@@ -130,6 +130,21 @@ async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown
 
     let (expiry, expiry_capped) = session_expiry(&connect, broker);
     let (keep_alive, keep_alive_overridden) = keep_alive(&connect, broker);
+    if keep_alive_overridden && !protocol.is_v5() {
+        // 3.1.1 has no way to tell the client a different keep-alive: refuse it, as
+        // Mosquitto does with max_keepalive.
+        info!(
+            keep_alive = connect.keep_alive,
+            "keep-alive above listener.max_keep_alive_secs"
+        );
+        refuse(
+            &mut stream,
+            protocol,
+            ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+        )
+        .await;
+        return;
+    }
     let (mut session, present) = match old {
         Some(s) if !connect.clean_start => (s, true),
         Some(s) => {
@@ -181,10 +196,8 @@ async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown
         reason: ReasonCode::SUCCESS,
         properties: props,
     }));
-    let now = Instant::now();
-    for p in session.resend(now) {
-        conn.send(&p);
-    }
+    // Everything in flight goes out again, as the window allows (`Conn::pump`).
+    session.begin_resume();
 
     let exit = main_loop(
         &mut conn,
@@ -241,9 +254,7 @@ fn client_identifier(connect: &Connect, broker: &Broker) -> Option<(Arc<str>, bo
         if !connect.clean_start && !connect.protocol.is_v5() {
             return None;
         }
-        let n = Stats::get(&broker.stats.connections_accepted);
-        let id = format!("tether-{n:x}-{:x}", std::process::id());
-        return Some((id.into(), true));
+        return Some((broker.assign_client_id(), true));
     }
     if connect.client_id.len() > broker.config.session.max_client_id_len {
         return None;

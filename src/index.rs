@@ -224,18 +224,28 @@ impl<V: Clone + Send + Sync> TopicIndex<V> {
     /// Remove the entry for (`filter`, `key`) and return it. Nodes and map slots left empty are
     /// pruned, so subscribe/unsubscribe churn never grows the index.
     pub fn remove(&self, filter: &str, key: &str) -> Option<V> {
+        self.remove_if(filter, key, |_| true)
+    }
+
+    /// Remove the entry for (`filter`, `key`) only if `pred` accepts its value, checked under
+    /// the same lock as the removal, so an entry replaced concurrently by a newer owner is
+    /// never taken out by the old one.
+    pub fn remove_if(&self, filter: &str, key: &str, pred: impl FnOnce(&V) -> bool) -> Option<V> {
         let removed = if has_wildcard(filter) {
             let mut root = self.wild.write().unwrap_or_else(|e| e.into_inner());
-            let removed = Self::remove_wild(&mut root, filter, key);
+            let removed = Self::remove_wild(&mut root, filter, key, pred);
             if removed.is_some() {
                 self.wild_len.fetch_sub(1, Ordering::Relaxed);
             }
             removed
         } else {
-            let removed = self
-                .exact
-                .get_mut(filter)
-                .and_then(|mut entries| entries.remove(key));
+            let removed =
+                self.exact
+                    .get_mut(filter)
+                    .and_then(|mut entries| match entries.get(key) {
+                        Some(v) if pred(v) => entries.remove(key),
+                        _ => None,
+                    });
             if removed.is_some() {
                 // Re-checked under the shard lock: a concurrent insert may have refilled it.
                 self.exact
@@ -252,14 +262,23 @@ impl<V: Clone + Send + Sync> TopicIndex<V> {
     /// Remove from the trie in three loops instead of one recursion (see the module docs):
     /// take the entry out, find the shallowest node from which the rest of the path is now
     /// useless, and cut that edge.
-    fn remove_wild(root: &mut Node<V>, filter: &str, key: &str) -> Option<V> {
+    fn remove_wild(
+        root: &mut Node<V>,
+        filter: &str,
+        key: &str,
+        pred: impl FnOnce(&V) -> bool,
+    ) -> Option<V> {
         let (path, hash) = trie_path(filter);
 
         let mut node = &mut *root;
         for level in path.clone() {
             node = node.child_mut(level)?;
         }
-        let removed = node.entries_mut(hash).remove(key)?;
+        let entries = node.entries_mut(hash);
+        if !entries.get(key).is_some_and(pred) {
+            return None;
+        }
+        let removed = entries.remove(key)?;
 
         // A node can go if it holds no entries and its only child is the next node on the
         // path, which can go as well. `cut` is the depth of the first such node in a run that

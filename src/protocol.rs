@@ -191,6 +191,24 @@ impl Conn {
     /// place in the order).
     pub fn pump(&mut self, s: &mut Session, now: Instant) {
         let max_write = self.broker.config.listener.max_write_buffer;
+        // Re-sends after a resume come first, within the window.
+        while self.out.len() < max_write {
+            let Some(p) = s.next_resend(self.window, self.protocol, now) else {
+                break;
+            };
+            if let Packet::Publish(publish) = &p {
+                if !self.send(&p) {
+                    // It can never reach this client (say, it now announces a smaller
+                    // Maximum Packet Size): end its flow instead of blocking the window.
+                    s.forget(publish.packet_id);
+                }
+            } else {
+                self.send(&p);
+            }
+        }
+        if s.resend_pending() > 0 {
+            return;
+        }
         while self.out.len() < max_write {
             let window_full = s.inflight_len() >= self.window;
             let Some(d) = s

@@ -381,6 +381,11 @@ impl Registry {
         self.slots.is_empty()
     }
 
+    /// Does a slot exist for `client_id`?
+    pub fn contains(&self, client_id: &str) -> bool {
+        self.slots.contains_key(client_id)
+    }
+
     /// Sessions parked offline.
     pub fn offline_count(&self) -> usize {
         self.slots

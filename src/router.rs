@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 
 use crate::index::TopicIndex;
-use crate::mailbox::Mailbox;
+use crate::mailbox::{Mailbox, Pushed};
 use crate::message::{Delivery, Message};
 use crate::packet::QoS;
 use crate::session::Subscription;
@@ -44,6 +44,10 @@ pub struct SharedGroup {
 }
 
 impl SharedGroup {
+    fn len(&self) -> usize {
+        self.members().len()
+    }
+
     fn members(&self) -> std::sync::MutexGuard<'_, Vec<Member>> {
         self.members.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -148,11 +152,11 @@ impl Router {
                 });
             }
             _ => {
-                if let Some(old) = self.index.remove(filter, client_id) {
-                    if !matches!(&old, Target::Direct(e) if Arc::ptr_eq(&e.mailbox, mailbox)) {
-                        self.index.insert(filter, client_id, old);
-                    }
-                }
+                self.index.remove_if(
+                    filter,
+                    client_id,
+                    |old| matches!(old, Target::Direct(e) if Arc::ptr_eq(&e.mailbox, mailbox)),
+                );
             }
         }
     }
@@ -172,7 +176,7 @@ impl Router {
     /// Identifier [MQTT-3.3.5-1]. Returns the number of sessions it was queued for.
     pub fn route(&self, msg: &Arc<Message>, stats: &Stats) -> usize {
         let mut targets: Vec<(Arc<Mailbox>, Subscription)> = Vec::new();
-        let mut shared: Vec<SubEntry> = Vec::new();
+        let mut shared: Vec<Arc<SharedGroup>> = Vec::new();
         self.index
             .for_each_match(&msg.topic, |client_id, target| match target {
                 Target::Direct(e) => {
@@ -181,19 +185,30 @@ impl Router {
                     }
                     targets.push((e.mailbox.clone(), e.sub));
                 }
-                Target::Shared(group) => shared.extend(group.pick()),
+                Target::Shared(group) => shared.push(group.clone()),
             });
         let mut queued = 0;
-        // A shared delivery is separate from the session's ordinary subscriptions.
-        for e in shared {
-            queued += usize::from(deliver(
-                &e.mailbox,
-                msg,
-                e.sub.qos,
-                e.sub.retain_as_published,
-                e.sub.identifier.into_iter().collect(),
-                stats,
-            ));
+        // A shared delivery is separate from the session's ordinary subscriptions. A member
+        // whose session ended a moment ago is skipped for the next one in turn.
+        for group in shared {
+            for _ in 0..group.len() {
+                let Some(e) = group.pick() else { break };
+                let ids = e.sub.identifier.into_iter().collect();
+                match deliver(
+                    &e.mailbox,
+                    msg,
+                    e.sub.qos,
+                    e.sub.retain_as_published,
+                    ids,
+                    stats,
+                ) {
+                    Pushed::Closed => continue,
+                    pushed => {
+                        queued += usize::from(queued_ok(pushed));
+                        break;
+                    }
+                }
+            }
         }
         if targets.len() > 1 {
             targets.sort_unstable_by_key(|(mb, _)| Arc::as_ptr(mb) as usize);
@@ -212,14 +227,15 @@ impl Router {
                 ids.extend(s.identifier);
                 j += 1;
             }
-            queued += usize::from(deliver(mailbox, msg, qos, retain_as_published, ids, stats));
+            let pushed = deliver(mailbox, msg, qos, retain_as_published, ids, stats);
+            queued += usize::from(queued_ok(pushed));
             i = j;
         }
         queued
     }
 }
 
-/// Queue one delivery of `msg` granted at `granted`; true if it was queued.
+/// Queue one delivery of `msg` granted at `granted`.
 fn deliver(
     mailbox: &Mailbox,
     msg: &Arc<Message>,
@@ -227,17 +243,20 @@ fn deliver(
     retain_as_published: bool,
     subscription_ids: Vec<u32>,
     stats: &Stats,
-) -> bool {
-    let delivery = Delivery {
-        msg: msg.clone(),
-        qos: granted.min(msg.qos),
-        // Messages forwarded to existing subscriptions carry RETAIN = 0 unless the v5
-        // subscription asked for Retain As Published [MQTT-3.3.1-9, 3.3.1-12].
-        retain: msg.retain && retain_as_published,
-        subscription_ids,
-    };
-    matches!(
-        mailbox.push(delivery, stats),
-        crate::mailbox::Pushed::Queued | crate::mailbox::Pushed::QueuedDroppingOldest(_)
+) -> Pushed {
+    mailbox.push(
+        Delivery {
+            msg: msg.clone(),
+            qos: granted.min(msg.qos),
+            // Messages forwarded to existing subscriptions carry RETAIN = 0 unless the v5
+            // subscription asked for Retain As Published [MQTT-3.3.1-9, 3.3.1-12].
+            retain: msg.retain && retain_as_published,
+            subscription_ids,
+        },
+        stats,
     )
+}
+
+fn queued_ok(p: Pushed) -> bool {
+    matches!(p, Pushed::Queued | Pushed::QueuedDroppingOldest(_))
 }

@@ -69,6 +69,9 @@ pub struct Inflight {
     pub delivery: Delivery,
     /// Progress of its QoS flow.
     pub state: OutState,
+    /// Sent on the current connection. False after a resume until it is re-sent, which
+    /// happens only while the client's Receive Maximum allows [MQTT-3.3.4-9].
+    pub sent: bool,
 }
 
 /// Result of an inbound QoS 2 PUBLISH for the session's packet-id set.
@@ -170,6 +173,7 @@ impl Session {
                     packet_id: id,
                     delivery: d.clone(),
                     state,
+                    sent: true,
                 });
                 id
             }
@@ -233,23 +237,45 @@ impl Session {
         }
     }
 
-    /// Everything to re-send when a connection resumes this session: unacknowledged PUBLISH
-    /// with DUP = 1 and their original ids, and PUBREL for messages already PUBREC'd, in their
-    /// original order [MQTT-4.4.0-1].
-    pub fn resend(&self, now: Instant) -> Vec<Packet> {
-        self.inflight
-            .iter()
-            .map(|i| match i.state {
-                OutState::AwaitPubAck | OutState::AwaitPubRec => Packet::Publish(outbound_publish(
-                    &i.delivery,
-                    i.packet_id,
-                    true,
-                    self.protocol,
-                    now,
-                )),
-                OutState::AwaitPubComp => Packet::PubRel(Ack::new(i.packet_id)),
-            })
-            .collect()
+    /// A connection resumed this session: everything in flight must be sent again
+    /// [MQTT-4.4.0-1]; `next_resend` hands the packets out as the window allows.
+    pub fn begin_resume(&mut self) {
+        for i in &mut self.inflight {
+            i.sent = false;
+        }
+    }
+
+    /// Messages waiting to be re-sent on this connection.
+    pub fn resend_pending(&self) -> usize {
+        self.inflight.iter().filter(|i| !i.sent).count()
+    }
+
+    /// The next packet to re-send after a resume, in original order, while fewer than
+    /// `window` are out: unacknowledged PUBLISH with DUP = 1 and their original ids, or
+    /// PUBREL for messages already PUBREC'd. Re-sent ones sit at the front of the window, so
+    /// new messages wait until all re-sends are out.
+    pub fn next_resend(
+        &mut self,
+        window: usize,
+        protocol: ProtocolVersion,
+        now: Instant,
+    ) -> Option<Packet> {
+        let out = self.inflight.iter().filter(|i| i.sent).count();
+        if out >= window {
+            return None;
+        }
+        let i = self.inflight.iter_mut().find(|i| !i.sent)?;
+        i.sent = true;
+        Some(match i.state {
+            OutState::AwaitPubAck | OutState::AwaitPubRec => Packet::Publish(outbound_publish(
+                &i.delivery,
+                i.packet_id,
+                true,
+                protocol,
+                now,
+            )),
+            OutState::AwaitPubComp => Packet::PubRel(Ack::new(i.packet_id)),
+        })
     }
 
     /// An inbound QoS 2 PUBLISH with `packet_id` arrived.
@@ -389,7 +415,11 @@ mod tests {
         let b = s.start_delivery(delivery(QoS::ExactlyOnce, b"b"), now);
         let c = s.start_delivery(delivery(QoS::ExactlyOnce, b"c"), now);
         s.on_pubrec(b.packet_id, ReasonCode::SUCCESS);
-        let again = s.resend(now);
+        s.begin_resume();
+        let mut again = Vec::new();
+        while let Some(p) = s.next_resend(10, ProtocolVersion::V311, now) {
+            again.push(p);
+        }
         assert_eq!(again.len(), 3);
         match &again[0] {
             Packet::Publish(p) => {
@@ -407,6 +437,29 @@ mod tests {
                 assert_eq!(p.qos, QoS::ExactlyOnce);
             }
             other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+
+    /// [MQTT-3.3.4-9]: a client resuming with a smaller Receive Maximum gets only that many
+    /// re-sends at once; the next follows each acknowledgement.
+    #[test]
+    fn resend_respects_the_new_window() {
+        let now = Instant::now();
+        let mut s = session();
+        let ids: Vec<u16> = (0..3)
+            .map(|_| {
+                s.start_delivery(delivery(QoS::AtLeastOnce, b"x"), now)
+                    .packet_id
+            })
+            .collect();
+        s.begin_resume();
+        assert!(s.next_resend(1, ProtocolVersion::V5, now).is_some());
+        assert!(s.next_resend(1, ProtocolVersion::V5, now).is_none());
+        assert_eq!(s.resend_pending(), 2);
+        assert!(s.on_puback(ids[0]));
+        match s.next_resend(1, ProtocolVersion::V5, now) {
+            Some(Packet::Publish(p)) => assert_eq!(p.packet_id, ids[1]),
+            other => panic!("expected the second re-send, got {other:?}"),
         }
     }
 

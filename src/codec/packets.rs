@@ -150,10 +150,9 @@ pub(crate) fn encode_ack(
     if no_props && a.reason == ReasonCode::SUCCESS {
         return Ok(());
     }
+    // Once a reason code is written the Property Length follows even when it is 0: the spec
+    // lets it be omitted, but common clients (rumqttc 0.25) cannot decode that short form.
     out.put_u8(a.reason.0);
-    if no_props {
-        return Ok(());
-    }
     let mut w = PropWriter::begin(out);
     w.str(props::REASON_STRING, a.reason_string.as_deref())?;
     w.users(&a.user_properties)?;
@@ -440,10 +439,8 @@ pub(crate) fn encode_disconnect(
     if no_props && d.reason == ReasonCode::NORMAL_DISCONNECTION {
         return Ok(());
     }
+    // As for acks: with a reason code, always write the Property Length (see `encode_ack`).
     out.put_u8(d.reason.0);
-    if no_props {
-        return Ok(());
-    }
     let mut w = PropWriter::begin(out);
     w.u32(props::SESSION_EXPIRY_INTERVAL, d.session_expiry_interval);
     w.str(props::REASON_STRING, d.reason_string.as_deref())?;

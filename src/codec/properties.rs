@@ -227,14 +227,9 @@ pub(crate) fn decode(
                 props.receive_maximum = Some(v);
             }
             TOPIC_ALIAS_MAXIMUM => props.topic_alias_maximum = Some(p.u16()?),
-            TOPIC_ALIAS => {
-                let v = p.u16()?;
-                if v == 0 {
-                    // [MQTT-3.3.2-8]
-                    return Err(DecodeError::Protocol("topic alias 0"));
-                }
-                props.topic_alias = Some(v);
-            }
+            // Alias 0 is refused by the connection with DISCONNECT 0x94 (Topic Alias
+            // invalid), like an alias above the maximum [MQTT-3.3.2-8].
+            TOPIC_ALIAS => props.topic_alias = Some(p.u16()?),
             MAXIMUM_QOS => props.maximum_qos = Some(flag(p.u8()?)?),
             RETAIN_AVAILABLE => props.retain_available = Some(flag(p.u8()?)?),
             USER_PROPERTY => {

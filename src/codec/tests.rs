@@ -759,7 +759,7 @@ fn v5_disconnect_short_forms_gap_2_mqtt_3_14_4_3() {
 }
 
 #[test]
-fn v5_disconnect_encoding_omits_what_it_can() {
+fn v5_disconnect_encoding_omits_what_it_can_safely() {
     assert_eq!(
         enc(&Packet::Disconnect(Disconnect::default()), V5),
         [0xe0, 0x00]
@@ -768,7 +768,9 @@ fn v5_disconnect_encoding_omits_what_it_can() {
         reason: ReasonCode::DISCONNECT_WITH_WILL,
         ..Disconnect::default()
     };
-    assert_eq!(enc(&Packet::Disconnect(d), V5), [0xe0, 0x01, 0x04]);
+    // With a reason code the Property Length is written too (0): rumqttc 0.25 cannot decode
+    // the shorter form the spec allows.
+    assert_eq!(enc(&Packet::Disconnect(d), V5), [0xe0, 0x02, 0x04, 0x00]);
     // 3.1.1 has no reason: dropped.
     assert_eq!(
         enc(&Packet::Disconnect(full_disconnect()), V311),
@@ -876,7 +878,7 @@ fn v5_ack_short_forms() {
     };
     assert_eq!(
         enc(&Packet::PubAck(a.clone()), V5),
-        [0x40, 0x03, 0x00, 0x07, 0x10]
+        [0x40, 0x04, 0x00, 0x07, 0x10, 0x00]
     );
     assert_eq!(
         dec1(&[0x40, 0x03, 0x00, 0x07, 0x10], Some(V5)),
@@ -1028,8 +1030,12 @@ fn publish_with_props(props: &[u8]) -> Vec<u8> {
 
 #[test]
 fn v5_property_rules() {
-    // Topic Alias 0 [MQTT-3.3.2-8].
-    protocol(dec(&publish_with_props(&[0x23, 0x00, 0x00]), Some(V5)));
+    // Topic Alias 0 [MQTT-3.3.2-8] decodes; the connection refuses it with 0x94, which
+    // needs the negotiated maximum the codec does not know.
+    match dec1(&publish_with_props(&[0x23, 0x00, 0x00]), Some(V5)) {
+        Packet::Publish(p) => assert_eq!(p.properties.topic_alias, Some(0)),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
     // Subscription Identifier 0 (section 3.8.2.1.2), in PUBLISH and SUBSCRIBE.
     protocol(dec(&publish_with_props(&[0x0b, 0x00]), Some(V5)));
     protocol(dec(
