@@ -152,6 +152,36 @@ impl Raw {
         }
     }
 
+    /// The next packet within `d`, or what happened instead (nothing, or the connection
+    /// ended). Unlike `recv_packet` it does not fail the test on a timeout or a close, for
+    /// flows where either is a legitimate outcome. Undecodable bytes still fail the test.
+    pub async fn recv_within(&mut self, d: Duration) -> Recv {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            match codec::decode(&mut self.buf, Some(self.version), usize::MAX) {
+                Ok(Some(p)) => return Recv::Packet(p),
+                Ok(None) => {}
+                Err(e) => panic!("undecodable bytes from broker: {e:?}"),
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Err(_) => return Recv::Timeout,
+                Ok(Ok(0)) => {
+                    return Recv::Closed {
+                        error: None,
+                        leftover: self.buf.len(),
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    return Recv::Closed {
+                        error: Some(e.kind()),
+                        leftover: self.buf.len(),
+                    }
+                }
+            }
+        }
+    }
+
     /// The broker closes the connection (EOF or reset) within `WAIT`, with nothing else
     /// pending first except what `allow_before` bytes describe.
     pub async fn expect_closed(&mut self) {
@@ -176,6 +206,22 @@ impl Raw {
             Ok(Err(e)) => panic!("read error {e}"),
         }
     }
+}
+
+/// Outcome of `Raw::recv_within`.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // short-lived test value
+pub enum Recv {
+    /// A whole packet.
+    Packet(Packet),
+    /// Nothing complete arrived in time.
+    Timeout,
+    /// EOF (`error: None`) or a socket error such as a reset; `leftover` bytes of an
+    /// incomplete packet were buffered.
+    Closed {
+        error: Option<std::io::ErrorKind>,
+        leftover: usize,
+    },
 }
 
 /// A 3.1.1 CONNECT frame.
@@ -285,5 +331,216 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
             "timed out waiting for: {what}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MQTT 5.0 helpers (our codec as the client-side encoder/decoder).
+// ---------------------------------------------------------------------------------------------
+
+use tether::packet::{
+    ConnAck, Connect, ConnectProperties, Disconnect, Publish, PublishProperties, QoS, ReasonCode,
+    RetainHandling, SubAck, Subscribe, SubscribeFilter, Will,
+};
+
+/// A v5 CONNECT with keep-alive 60 and no properties; adjust fields as needed.
+pub fn v5_connect(client_id: &str, clean_start: bool) -> Connect {
+    Connect {
+        protocol: ProtocolVersion::V5,
+        client_id: client_id.to_string(),
+        clean_start,
+        keep_alive: 60,
+        username: None,
+        password: None,
+        will: None,
+        properties: ConnectProperties::default(),
+    }
+}
+
+/// A v5 CONNECT with a Session Expiry Interval.
+pub fn v5_connect_expiry(client_id: &str, clean_start: bool, expiry: Option<u32>) -> Connect {
+    let mut c = v5_connect(client_id, clean_start);
+    c.properties.session_expiry_interval = expiry;
+    c
+}
+
+/// A v5 will (QoS 1, not retained) with a Will Delay Interval.
+pub fn v5_will(topic: &str, payload: &'static [u8], delay_interval: u32) -> Will {
+    Will {
+        topic: topic.to_string(),
+        payload: bytes::Bytes::from_static(payload),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        delay_interval,
+        properties: PublishProperties::default(),
+    }
+}
+
+/// A v5 subscription option set: the given QoS, all other options at their defaults.
+pub fn v5_filter(filter: &str, qos: QoS) -> SubscribeFilter {
+    SubscribeFilter {
+        filter: filter.to_string(),
+        qos,
+        no_local: false,
+        retain_as_published: false,
+        retain_handling: RetainHandling::OnSubscribe,
+    }
+}
+
+/// A v5 PUBLISH with no properties.
+pub fn v5_publish(topic: &str, qos: QoS, packet_id: u16, payload: &[u8]) -> Publish {
+    Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.to_string(),
+        packet_id,
+        payload: bytes::Bytes::copy_from_slice(payload),
+        properties: PublishProperties::default(),
+    }
+}
+
+impl TestBroker {
+    /// A v5 raw client that sent `connect`; returns it with the CONNACK it received.
+    pub async fn connect_v5(&self, connect: Connect) -> (Raw, ConnAck) {
+        let mut c = self.raw().await;
+        c.version = ProtocolVersion::V5;
+        c.send_packet(&Packet::Connect(Box::new(connect))).await;
+        let ack = c.recv_connack().await;
+        (c, ack)
+    }
+
+    /// A v5 raw client whose CONNECT was accepted with `session_present`.
+    pub async fn v5_client(&self, connect: Connect, session_present: bool) -> Raw {
+        let id = connect.client_id.clone();
+        let (c, ack) = self.connect_v5(connect).await;
+        assert_eq!(ack.reason, ReasonCode::SUCCESS, "CONNACK for {id}: {ack:?}");
+        assert_eq!(
+            ack.session_present, session_present,
+            "Session Present for {id}: {ack:?}"
+        );
+        c
+    }
+
+    /// Wait until the session of `id` is parked offline.
+    pub async fn wait_offline(&self, id: &str) {
+        eventually(&format!("session {id} parked offline"), || {
+            self.broker.registry.with_offline(id, |_| ()).is_some()
+        })
+        .await;
+    }
+
+    /// Wait until no session (online or offline) exists for anyone.
+    pub async fn wait_registry_empty(&self) {
+        eventually("registry empty", || self.broker.registry.is_empty()).await;
+    }
+}
+
+impl Raw {
+    /// The next packet must be a CONNACK.
+    pub async fn recv_connack(&mut self) -> ConnAck {
+        match self.recv_packet().await {
+            Packet::ConnAck(a) => a,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// The next packet must be a PUBLISH.
+    pub async fn recv_publish(&mut self) -> Publish {
+        match self.recv_packet().await {
+            Packet::Publish(p) => p,
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+
+    /// The next packet must be a SUBACK.
+    pub async fn recv_suback(&mut self) -> SubAck {
+        match self.recv_packet().await {
+            Packet::SubAck(a) => a,
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// The next packet must be a server DISCONNECT, followed by the connection closing with
+    /// nothing after it.
+    pub async fn expect_disconnect(&mut self) -> Disconnect {
+        let d = match self.recv_packet().await {
+            Packet::Disconnect(d) => d,
+            other => panic!("expected DISCONNECT, got {other:?}"),
+        };
+        self.expect_closed().await;
+        assert!(
+            self.buf.is_empty(),
+            "bytes after DISCONNECT: {:?}",
+            &self.buf[..]
+        );
+        d
+    }
+
+    /// v5 SUBSCRIBE; returns the SUBACK (asserting it answers `packet_id`).
+    pub async fn subscribe_v5(
+        &mut self,
+        packet_id: u16,
+        filters: Vec<SubscribeFilter>,
+        subscription_identifier: Option<u32>,
+    ) -> SubAck {
+        self.send_packet(&Packet::Subscribe(Subscribe {
+            packet_id,
+            filters,
+            subscription_identifier,
+            user_properties: vec![],
+        }))
+        .await;
+        let ack = self.recv_suback().await;
+        assert_eq!(ack.packet_id, packet_id);
+        ack
+    }
+
+    /// v5 SUBSCRIBE to one filter, asserting the granted QoS.
+    pub async fn sub_v5(&mut self, packet_id: u16, filter: &str, qos: QoS) {
+        let ack = self
+            .subscribe_v5(packet_id, vec![v5_filter(filter, qos)], None)
+            .await;
+        assert_eq!(ack.reasons, vec![ReasonCode(qos as u8)], "SUBACK {filter}");
+    }
+
+    /// v5 QoS 1 PUBLISH, waiting for its PUBACK.
+    pub async fn pub1_v5(&mut self, p: Publish) {
+        assert_eq!(p.qos, QoS::AtLeastOnce);
+        let id = p.packet_id;
+        self.send_packet(&Packet::Publish(p)).await;
+        match self.recv_packet().await {
+            Packet::PubAck(a) => assert_eq!(a.packet_id, id),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+
+    /// Normal DISCONNECT (v5 reason 0x00) with an optional new Session Expiry Interval.
+    pub async fn disconnect_v5(&mut self, reason: ReasonCode, session_expiry: Option<u32>) {
+        self.send_packet(&Packet::Disconnect(Disconnect {
+            reason,
+            session_expiry_interval: session_expiry,
+            ..Disconnect::default()
+        }))
+        .await;
+    }
+}
+
+impl Raw {
+    /// The next packet if one arrives within `d`; `None` on silence. Fails on a close.
+    pub async fn recv_packet_within(&mut self, d: Duration) -> Option<Packet> {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            if let Some(p) =
+                codec::decode(&mut self.buf, Some(self.version), usize::MAX).expect("decodable")
+            {
+                return Some(p);
+            }
+            let read = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf))
+                .await
+                .ok()?
+                .expect("read");
+            assert!(read > 0, "connection closed while waiting for a packet");
+        }
     }
 }
