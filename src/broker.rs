@@ -129,13 +129,15 @@ impl Broker {
                 _ = shutdown.recv() => return,
                 _ = self.registry.timers.wait() => {}
             }
+            let mut expired = 0usize;
             for timer in self.registry.timers.take_due(Instant::now()) {
                 match timer.kind {
                     TimerKind::SessionExpiry => {
                         if let Some(session) = self.registry.expire(&timer) {
-                            info!(client_id = %timer.client_id, "session expired");
+                            debug!(client_id = %timer.client_id, "session expired");
                             Stats::incr(&self.stats.sessions_expired);
                             self.end_session(session);
+                            expired += 1;
                         }
                     }
                     TimerKind::WillDelay => {
@@ -144,6 +146,13 @@ impl Broker {
                         }
                     }
                 }
+            }
+            if expired > 0 {
+                if expired >= 1000 {
+                    info!(expired, "sessions expired");
+                }
+                self.registry.compact();
+                self.router.compact();
             }
         }
     }

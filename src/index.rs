@@ -322,6 +322,14 @@ impl<V: Clone + Send + Sync> TopicIndex<V> {
         Some(removed)
     }
 
+    /// Give back the capacity of the exact-filter map when less than a quarter is used (see
+    /// `Registry::compact`).
+    pub fn compact(&self) {
+        if self.exact.len() < self.exact.capacity() / 4 {
+            self.exact.shrink_to_fit();
+        }
+    }
+
     /// Call `f` once per (filter, key) entry whose filter matches `topic` (a valid topic name),
     /// honouring the `$` rule [MQTT-4.7.2-1].
     ///

@@ -161,6 +161,11 @@ impl Router {
         }
     }
 
+    /// Give back memory after many subscriptions were removed.
+    pub fn compact(&self) {
+        self.index.compact();
+    }
+
     /// Entries in the index: one per ordinary subscription, one per shared group.
     pub fn len(&self) -> usize {
         self.index.len()
