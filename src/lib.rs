@@ -10,6 +10,7 @@ pub mod config;
 pub mod connection;
 pub mod expiry;
 pub mod index;
+pub mod inspect;
 pub mod mailbox;
 pub mod message;
 pub mod packet;
