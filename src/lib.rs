@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
+pub mod admin_client;
 pub mod broker;
 pub mod codec;
 pub mod config;
