@@ -398,3 +398,80 @@ fn admin_api_lists_shows_kicks_and_deletes_sessions() {
     let list: serde_json::Value = serde_json::from_str(&f.stdout).expect("JSON");
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{}", f.stdout);
 }
+
+const PACKAGED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/tether.toml");
+
+/// The packaged configuration is valid, keeps its state in /var/lib/tether (systemd's
+/// StateDirectory=tether, the image's VOLUME) and listens on all interfaces.
+#[test]
+fn packaged_config_matches_the_unit_and_the_image() {
+    let f = tether_env(&["--check-config", "-c", PACKAGED], &[]);
+    assert_eq!(f.code(), Some(0), "{f:?}");
+    assert!(f.stdout.contains("\"/var/lib/tether\""), "{}", f.stdout);
+    assert!(f.stdout.contains("bind: \"0.0.0.0:1883\""), "{}", f.stdout);
+
+    let root = env!("CARGO_MANIFEST_DIR");
+    let unit = std::fs::read_to_string(format!("{root}/packaging/tether.service")).expect("unit");
+    for line in [
+        "StateDirectory=tether",
+        "ExecStart=/usr/bin/tether -c /etc/tether/tether.toml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "unit lacks {line}");
+    }
+    let docker = std::fs::read_to_string(format!("{root}/Dockerfile")).expect("Dockerfile");
+    for line in [
+        "USER tether",
+        "VOLUME /var/lib/tether",
+        "EXPOSE 1883 8080",
+        "COPY packaging/tether.toml /etc/tether/tether.toml",
+        "CMD [\"-c\", \"/etc/tether/tether.toml\"]",
+    ] {
+        assert!(docker.lines().any(|l| l == line), "Dockerfile lacks {line}");
+    }
+}
+
+/// The image's contract, on the binary: the packaged file plus `-e` variables. Publishing the
+/// admin port (`TETHER_ADMIN__BIND=0.0.0.0:8080`) is refused without a token; a non-root user
+/// can point the data dir anywhere writable and the broker serves MQTT and the admin API.
+#[test]
+fn container_env_contract_on_the_packaged_config() {
+    let f = tether_env(
+        &["--check-config", "-c", PACKAGED],
+        &[("TETHER_ADMIN__BIND", "0.0.0.0:8080")],
+    );
+    assert_eq!(f.code(), Some(1), "{f:?}");
+    assert!(f.stderr.contains("admin.token"), "{}", f.stderr);
+    let f = tether_env(
+        &["--check-config", "-c", PACKAGED],
+        &[
+            ("TETHER_ADMIN__BIND", "0.0.0.0:8080"),
+            ("TETHER_ADMIN__TOKEN", "t0ken"),
+        ],
+    );
+    assert_eq!(f.code(), Some(0), "{f:?}");
+
+    let data = std::env::temp_dir().join(format!("tether-test-{}-image", std::process::id()));
+    let admin = free_port();
+    let mut cmd = Command::new(TETHER);
+    let port = free_port();
+    cmd.args(["-c", PACKAGED, "-b", &format!("127.0.0.1:{port}")])
+        .env("TETHER_DATA_DIR", &data)
+        .env("TETHER_ADMIN__BIND", format!("127.0.0.1:{admin}"))
+        .env("TETHER_LOG__FORMAT", "json");
+    let p = Proc::spawn("tether", cmd);
+    p.wait_line(Stream::Stdout, "admin listening", WAIT, |l| {
+        l.contains("admin API and metrics listening") && l.contains(&admin.to_string())
+    });
+    p.wait_line(Stream::Stdout, "MQTT listening", WAIT, |l| {
+        l.contains("listening for MQTT") && l.contains(&port.to_string())
+    });
+    assert!(data.is_dir());
+    let (status, body) = http(admin, "GET", "/health", None);
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    drop(p);
+    let _ = std::fs::remove_dir_all(&data);
+}
