@@ -1,6 +1,6 @@
 //! The broker's shared state and the operations that span several parts of it.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tokio::time::Instant;
 use tracing::{debug, info};
@@ -21,8 +21,14 @@ use crate::stats::Stats;
 /// task as `Arc<Broker>`; dropped when the last task ends.
 #[derive(Debug)]
 pub struct Broker {
-    /// The validated configuration, read-only after start.
+    /// The validated configuration the broker started with; read-only. Settings that SIGHUP
+    /// can change are read from [`Broker::live_config`] instead.
     pub config: Arc<Config>,
+    /// The configuration as last reloaded (SIGHUP). A lock around an `Arc` rather than a new
+    /// crate: readers clone the `Arc` (a short read lock) at the moment a setting is needed.
+    live: RwLock<Arc<Config>>,
+    /// When the broker was built, for uptime in metrics and `$SYS`.
+    pub started: std::time::Instant,
     /// Client ID -> session slot.
     pub registry: Registry,
     /// Topic filter index.
@@ -44,6 +50,8 @@ impl Broker {
     pub fn new(config: Arc<Config>) -> Arc<Broker> {
         Arc::new(Broker {
             retained: RetainStore::new(config.retain.max_messages),
+            live: RwLock::new(config.clone()),
+            started: std::time::Instant::now(),
             config,
             registry: Registry::new(),
             router: Router::default(),
@@ -68,14 +76,27 @@ impl Broker {
         }
     }
 
-    /// A new empty session with this broker's queue limits.
+    /// The configuration as last reloaded (the start configuration until a reload).
+    pub fn live_config(&self) -> Arc<Config> {
+        // A poisoned lock still holds a valid Arc: a panic cannot leave it half-written.
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Install a reloaded configuration. Only the keys in `config::LIVE_KEYS` take effect.
+    pub fn set_live_config(&self, config: Arc<Config>) {
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+
+    /// A new empty session with the queue limits of the live configuration (so a reload
+    /// applies to sessions created after it).
     pub fn new_session(
         &self,
         client_id: Arc<str>,
         protocol: ProtocolVersion,
         expiry_interval: u32,
     ) -> Box<Session> {
-        let mailbox = Arc::new(Mailbox::new(QueueLimits::from(&self.config.session)));
+        let limits = QueueLimits::from(&self.live_config().session);
+        let mailbox = Arc::new(Mailbox::new(limits));
         Box::new(Session::new(client_id, protocol, mailbox, expiry_interval))
     }
 

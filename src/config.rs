@@ -3,29 +3,62 @@
 //!
 //! `config/tether.toml` is the annotated reference; a test parses it and checks that it equals
 //! the embedded defaults, so the file and the code cannot drift apart.
+//!
+//! Layers, later ones winning: embedded defaults, the file (`-c`), `TETHER_...` environment
+//! variables ([`Config::apply_env`]), then command-line flags (in `main.rs`).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// The MQTT listener and connection-level limits.
+    /// Directory for persistent state. Accepted and stored for the persistence feature to come;
+    /// nothing is written there yet except a startup probe that it is writable.
+    pub data_dir: Option<PathBuf>,
+    /// Seconds between publications of the `$SYS/broker/...` topics; 0 = not published.
+    pub sys_interval_secs: u64,
+    /// The default MQTT listener and the connection-level limits every listener uses.
     pub listener: ListenerConfig,
+    /// Further MQTT listeners (`[[listeners]]`), each with its own connection limit.
+    pub listeners: Vec<ExtraListener>,
     /// Session state limits and lifetimes.
     pub session: SessionConfig,
     /// Retained messages.
     pub retain: RetainConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The HTTP admin listener: Prometheus metrics and the session API.
+    pub admin: AdminConfig,
+}
+
+/// `[[listeners]]`: an MQTT listener besides `[listener]`. Packet, keep-alive and buffer limits
+/// are those of `[listener]`; the connection limit is per listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraListener {
+    /// Address it binds, `HOST:PORT`.
+    pub bind: String,
+    /// Connections served at once on this listener; absent = `listener.max_connections`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+}
+
+/// One MQTT listener as the acceptor sees it, after defaults are applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerSpec {
+    /// Address to bind.
+    pub bind: SocketAddr,
+    /// Connections served at once.
+    pub max_connections: usize,
 }
 
 /// `[listener]`
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenerConfig {
     /// Address the MQTT listener binds, `HOST:PORT`.
@@ -64,7 +97,7 @@ impl Default for ListenerConfig {
 }
 
 /// What to drop when a session's queue is full.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum OverflowPolicy {
     /// Keep what is queued, drop the arriving message (Mosquitto's behaviour).
@@ -75,7 +108,7 @@ pub enum OverflowPolicy {
 }
 
 /// `[session]`
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SessionConfig {
     /// Outbound QoS 1/2 messages in flight to one client (sent, not yet acknowledged).
@@ -133,7 +166,7 @@ impl SessionConfig {
 }
 
 /// `[retain]`
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetainConfig {
     /// Most topics holding a retained message; a retained PUBLISH to a new topic past it is
@@ -150,19 +183,44 @@ impl Default for RetainConfig {
 }
 
 /// `[log]`
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// One of error, warn, info, debug, trace.
+    /// One of error, warn, info, debug, trace. Changed live by SIGHUP.
     pub level: String,
+    /// Line format: plain text or one JSON object per line.
+    pub format: LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".to_string(),
+            format: LogFormat::Text,
         }
     }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines (colour only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the HTTP admin listener (metrics and session API), `HOST:PORT`; empty = off.
+    pub bind: String,
+    /// Bearer token every admin request must carry (`Authorization: Bearer ...`); empty = none.
+    /// Required when `bind` is not a loopback address. Changed live by SIGHUP.
+    pub token: String,
 }
 
 /// A configuration that could not be loaded, with the key or line at fault.
@@ -174,8 +232,18 @@ pub enum ConfigError {
     Parse(String),
     /// A value of the right type outside what the broker accepts.
     Invalid {
-        /// Dotted key, e.g. `session.max_inflight`.
-        key: &'static str,
+        /// Dotted key, e.g. `session.max_inflight` or `listeners[1].bind`.
+        key: String,
+        /// What is wrong with it.
+        why: String,
+        /// Where the value came from, e.g. `line 3 of /etc/tether.toml` or an environment
+        /// variable; `None` when it is a default or a command-line flag.
+        at: Option<String>,
+    },
+    /// A `TETHER_...` environment variable that names no key or holds a bad value.
+    Env {
+        /// The variable's name.
+        var: String,
         /// What is wrong with it.
         why: String,
     },
@@ -186,7 +254,14 @@ impl std::fmt::Display for ConfigError {
         match self {
             ConfigError::Read(path, e) => write!(f, "cannot read {path}: {e}"),
             ConfigError::Parse(msg) => write!(f, "{msg}"),
-            ConfigError::Invalid { key, why } => write!(f, "invalid value for `{key}`: {why}"),
+            ConfigError::Invalid { key, why, at } => {
+                write!(f, "invalid value for `{key}`")?;
+                if let Some(at) = at {
+                    write!(f, " ({at})")?;
+                }
+                write!(f, ": {why}")
+            }
+            ConfigError::Env { var, why } => write!(f, "environment variable {var}: {why}"),
         }
     }
 }
@@ -197,11 +272,27 @@ impl std::error::Error for ConfigError {}
 /// exactly what ships.
 pub const REFERENCE_TOML: &str = include_str!("../config/tether.toml");
 
+/// Prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "TETHER_";
+
+/// Keys that SIGHUP applies to the running broker; every other changed key needs a restart.
+/// Queue limits apply to sessions created after the reload (existing queues keep theirs).
+pub const LIVE_KEYS: &[&str] = &[
+    "log.level",
+    "admin.token",
+    "session.max_queued_messages",
+    "session.max_queued_bytes",
+    "session.queue_overflow",
+    "session.queue_qos0_offline",
+];
+
 impl Config {
     /// Parse and validate TOML text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        config.validate()?;
+        config
+            .validate()
+            .map_err(|e| locate(e, text, "the configuration"))?;
         Ok(config)
     }
 
@@ -209,18 +300,102 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::Read(path.display().to_string(), e))?;
-        Config::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse(msg) => ConfigError::Parse(format!("{}: {msg}", path.display())),
+        let config: Config = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
+        config
+            .validate()
+            .map_err(|e| locate(e, &text, &path.display().to_string()))?;
+        Ok(config)
+    }
+
+    /// Apply `TETHER_...` overrides from `vars` (normally `std::env::vars()`), then validate.
+    ///
+    /// Mapping: strip `TETHER_`, lower-case, and split on a double underscore: `__` separates
+    /// the table from the key, single underscores stay part of the key. So
+    /// `TETHER_SESSION__MAX_INFLIGHT=10` sets `session.max_inflight` and `TETHER_DATA_DIR` the
+    /// top-level `data_dir`. A value is read as a TOML scalar (`10`, `true`, `"x"`); a value
+    /// that is not one is taken as a bare string, so `TETHER_LOG__LEVEL=debug` works unquoted.
+    /// A variable naming no key, or naming a table or array (`[[listeners]]`), is an error.
+    /// Returns the names of the variables applied.
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Vec<String>, ConfigError> {
+        let mut vars: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        // Deterministic order, so an error always names the same variable.
+        vars.sort();
+        let mut applied = Vec::new();
+        for (var, value) in vars {
+            let err = |why: String| ConfigError::Env {
+                var: var.clone(),
+                why,
+            };
+            let path: Vec<String> = var[ENV_PREFIX.len()..]
+                .split("__")
+                .map(str::to_ascii_lowercase)
+                .collect();
+            let mut table = toml::Table::try_from(&*self)
+                .map_err(|e| err(format!("cannot represent the configuration: {e}")))?;
+            // The defaults name every key (data_dir is optional, hence absent there).
+            let defaults = toml::Table::try_from(Config::default())
+                .map_err(|e| err(format!("cannot represent the configuration: {e}")))?;
+            let known = match path.as_slice() {
+                [key] => key == "data_dir" || defaults.get(key).is_some_and(is_scalar),
+                [section, key] => defaults
+                    .get(section)
+                    .and_then(toml::Value::as_table)
+                    .and_then(|t| t.get(key))
+                    .is_some_and(is_scalar),
+                _ => false,
+            };
+            if !known {
+                return Err(err(format!(
+                    "names no configuration key (expected {ENV_PREFIX}KEY for a top-level key or \
+                     {ENV_PREFIX}TABLE__KEY, e.g. {ENV_PREFIX}SESSION__MAX_INFLIGHT)"
+                )));
+            }
+            let parsed = parse_scalar(&value);
+            match path.as_slice() {
+                [key] => {
+                    table.insert(key.clone(), parsed);
+                }
+                [section, key] => {
+                    if let Some(t) = table.get_mut(section).and_then(toml::Value::as_table_mut) {
+                        t.insert(key.clone(), parsed);
+                    }
+                }
+                _ => {}
+            }
+            let next: Config = table
+                .try_into()
+                .map_err(|e: toml::de::Error| err(e.message().to_string()))?;
+            *self = next;
+            applied.push(var);
+        }
+        self.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, why, at } => {
+                let from_env = applied.iter().find(|v| env_key(v) == key);
+                ConfigError::Invalid {
+                    at: from_env.map(|v| format!("from {v}")).or(at),
+                    key,
+                    why,
+                }
+            }
             other => other,
-        })
+        })?;
+        Ok(applied)
     }
 
     /// Check values that serde's types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn bad(key: &'static str, why: impl Into<String>) -> Result<(), ConfigError> {
+        fn bad(key: &str, why: impl Into<String>) -> Result<(), ConfigError> {
             Err(ConfigError::Invalid {
-                key,
+                key: key.to_string(),
                 why: why.into(),
+                at: None,
             })
         }
         if self.listener.bind.parse::<SocketAddr>().is_err() {
@@ -231,6 +406,29 @@ impl Config {
         }
         if self.listener.max_connections == 0 {
             return bad("listener.max_connections", "must be at least 1");
+        }
+        let mut binds = vec![self.listener.bind.parse::<SocketAddr>().ok()];
+        for (i, l) in self.listeners.iter().enumerate() {
+            let Ok(addr) = l.bind.parse::<SocketAddr>() else {
+                return bad(
+                    &format!("listeners[{i}].bind"),
+                    "expected HOST:PORT with a numeric IP address",
+                );
+            };
+            // Port 0 (any free port) may repeat; a fixed address twice cannot be bound.
+            if addr.port() != 0 && binds.contains(&Some(addr)) {
+                return bad(
+                    &format!("listeners[{i}].bind"),
+                    format!("{addr} is already a listener"),
+                );
+            }
+            binds.push(Some(addr));
+            if l.max_connections == Some(0) {
+                return bad(
+                    &format!("listeners[{i}].max_connections"),
+                    "must be at least 1",
+                );
+            }
         }
         if self.listener.connect_timeout_secs == 0 {
             return bad("listener.connect_timeout_secs", "must be at least 1");
@@ -272,6 +470,38 @@ impl Config {
                 "expected one of error, warn, info, debug, trace",
             );
         }
+        if let Some(dir) = &self.data_dir {
+            if dir.as_os_str().is_empty() {
+                return bad("data_dir", "must not be empty (leave it out instead)");
+            }
+        }
+        if !self.admin.bind.is_empty() {
+            let Ok(addr) = self.admin.bind.parse::<SocketAddr>() else {
+                return bad(
+                    "admin.bind",
+                    "expected HOST:PORT with a numeric IP address, or \"\" for off",
+                );
+            };
+            // The admin API can disconnect clients and delete sessions: off the loopback
+            // interface it must not be open to anyone who can reach the port.
+            if !addr.ip().is_loopback() && self.admin.token.is_empty() {
+                return bad(
+                    "admin.token",
+                    format!("required when admin.bind ({addr}) is not a loopback address"),
+                );
+            }
+        }
+        if self
+            .admin
+            .token
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return bad(
+                "admin.token",
+                "must not contain spaces or control characters",
+            );
+        }
         Ok(())
     }
 
@@ -279,6 +509,113 @@ impl Config {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.listener.connect_timeout_secs)
     }
+
+    /// Every MQTT listener: `[listener]` first, then `[[listeners]]` in file order. Entries
+    /// whose address does not parse are left out (`validate` refuses them).
+    pub fn listener_specs(&self) -> Vec<ListenerSpec> {
+        let first = self.listener.bind.parse().ok().map(|bind| ListenerSpec {
+            bind,
+            max_connections: self.listener.max_connections,
+        });
+        first
+            .into_iter()
+            .chain(self.listeners.iter().filter_map(|l| {
+                Some(ListenerSpec {
+                    bind: l.bind.parse().ok()?,
+                    max_connections: l.max_connections.unwrap_or(self.listener.max_connections),
+                })
+            }))
+            .collect()
+    }
+
+    /// The dotted keys whose values differ between `self` and `other`, in key order.
+    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
+        let (Ok(a), Ok(b)) = (toml::Table::try_from(self), toml::Table::try_from(other)) else {
+            return vec!["(configuration)".to_string()];
+        };
+        let mut out = Vec::new();
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        for k in keys {
+            match (a.get(k), b.get(k)) {
+                (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                    let inner: std::collections::BTreeSet<&String> =
+                        x.keys().chain(y.keys()).collect();
+                    for i in inner {
+                        if x.get(i) != y.get(i) {
+                            out.push(format!("{k}.{i}"));
+                        }
+                    }
+                }
+                (x, y) if x != y => out.push(k.clone()),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+fn is_scalar(v: &toml::Value) -> bool {
+    !matches!(v, toml::Value::Table(_) | toml::Value::Array(_))
+}
+
+/// A TOML scalar from an environment variable's value; a bare word becomes a string.
+fn parse_scalar(value: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => match t.remove("v") {
+            Some(v) if is_scalar(&v) => v,
+            _ => toml::Value::String(value.to_string()),
+        },
+        Err(_) => toml::Value::String(value.to_string()),
+    }
+}
+
+/// The dotted key an environment variable sets (`TETHER_SESSION__MAX_INFLIGHT` ->
+/// `session.max_inflight`).
+fn env_key(var: &str) -> String {
+    var.strip_prefix(ENV_PREFIX)
+        .unwrap_or(var)
+        .to_ascii_lowercase()
+        .replace("__", ".")
+}
+
+/// Add the line of the offending key to a validation error, found by reading `text` the way
+/// a person would: `[table]` and `[[array]]` headers, then `key = value` lines.
+fn locate(e: ConfigError, text: &str, source: &str) -> ConfigError {
+    match e {
+        ConfigError::Invalid { key, why, at: None } => {
+            let at = line_of(text, &key).map(|n| format!("line {n} of {source}"));
+            ConfigError::Invalid { key, why, at }
+        }
+        other => other,
+    }
+}
+
+/// The 1-based line where dotted `key` (`session.max_inflight`, `listeners[1].bind`) is set.
+pub fn line_of(text: &str, key: &str) -> Option<usize> {
+    let mut section = String::new();
+    let mut arrays: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+            let name = name.trim().to_string();
+            let i = arrays.entry(name.clone()).or_insert(0);
+            section = format!("{name}[{i}]");
+            *i += 1;
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            section = name.trim().to_string();
+        } else if let Some((k, _)) = line.split_once('=') {
+            let k = k.trim().trim_matches('"');
+            let full = if section.is_empty() {
+                k.to_string()
+            } else {
+                format!("{section}.{k}")
+            };
+            if full == key {
+                return Some(n + 1);
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -316,5 +653,124 @@ mod tests {
     fn overflow_policy_parses_kebab_case() {
         let c = Config::from_toml("[session]\nqueue_overflow = \"drop-oldest\"\n").unwrap();
         assert_eq!(c.session.queue_overflow, OverflowPolicy::DropOldest);
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn invalid_value_names_the_line() {
+        let err = Config::from_toml("# c\n[session]\n\nmax_inflight = 0\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("session.max_inflight"), "{msg}");
+        assert!(msg.contains("line 4"), "{msg}");
+    }
+
+    #[test]
+    fn extra_listeners_are_listed_after_the_default_one() {
+        let c = Config::from_toml(
+            "[listener]\nbind = \"127.0.0.1:1000\"\nmax_connections = 5\n\n\
+             [[listeners]]\nbind = \"127.0.0.1:1001\"\n\n\
+             [[listeners]]\nbind = \"127.0.0.1:1002\"\nmax_connections = 2\n",
+        )
+        .unwrap();
+        let specs = c.listener_specs();
+        assert_eq!(specs.len(), 3);
+        assert_eq!(specs[1].bind.port(), 1001);
+        assert_eq!(
+            specs[1].max_connections, 5,
+            "inherits listener.max_connections"
+        );
+        assert_eq!(specs[2].max_connections, 2);
+    }
+
+    #[test]
+    fn bad_extra_listener_names_its_index_and_line() {
+        let err = Config::from_toml(
+            "[[listeners]]\nbind = \"127.0.0.1:1001\"\n[[listeners]]\nbind = \"x\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("listeners[1].bind"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_keys_with_double_underscore_between_table_and_key() {
+        let mut c = Config::default();
+        let applied = c
+            .apply_env(env(&[
+                ("TETHER_SESSION__MAX_INFLIGHT", "10"),
+                ("TETHER_LOG__LEVEL", "debug"),
+                ("TETHER_SESSION__QUEUE_QOS0_OFFLINE", "true"),
+                ("TETHER_DATA_DIR", "/var/lib/tether"),
+                ("TETHER_ADMIN__TOKEN", "\"s3cret\""),
+                ("PATH", "/bin"),
+            ]))
+            .unwrap();
+        assert_eq!(applied.len(), 5);
+        assert_eq!(c.session.max_inflight, 10);
+        assert_eq!(c.log.level, "debug");
+        assert!(c.session.queue_qos0_offline);
+        assert_eq!(c.data_dir, Some(PathBuf::from("/var/lib/tether")));
+        assert_eq!(c.admin.token, "s3cret");
+    }
+
+    #[test]
+    fn unknown_env_variable_is_an_error_naming_it() {
+        for var in [
+            "TETHER_SESSION_MAX_INFLIGHT",
+            "TETHER_SESSION__NOPE",
+            "TETHER_LISTENERS",
+            "TETHER_SESSION",
+        ] {
+            let err = Config::default()
+                .apply_env(env(&[(var, "1")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(var), "{err}");
+        }
+    }
+
+    #[test]
+    fn env_value_of_the_wrong_type_or_range_names_the_variable() {
+        let err = Config::default()
+            .apply_env(env(&[("TETHER_SESSION__MAX_INFLIGHT", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TETHER_SESSION__MAX_INFLIGHT"), "{err}");
+        let err = Config::default()
+            .apply_env(env(&[("TETHER_SESSION__MAX_INFLIGHT", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("session.max_inflight"), "{err}");
+        assert!(err.contains("TETHER_SESSION__MAX_INFLIGHT"), "{err}");
+    }
+
+    #[test]
+    fn admin_off_loopback_requires_a_token() {
+        let err = Config::from_toml("[admin]\nbind = \"0.0.0.0:8080\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.token"), "{err}");
+        Config::from_toml("[admin]\nbind = \"0.0.0.0:8080\"\ntoken = \"t\"\n").unwrap();
+        Config::from_toml("[admin]\nbind = \"127.0.0.1:8080\"\n").unwrap();
+    }
+
+    #[test]
+    fn changed_keys_lists_dotted_names() {
+        let a = Config::default();
+        let mut b = a.clone();
+        b.log.level = "debug".into();
+        b.listener.max_connections = 3;
+        b.sys_interval_secs = 5;
+        assert_eq!(
+            a.changed_keys(&b),
+            vec!["listener.max_connections", "log.level", "sys_interval_secs"]
+        );
     }
 }

@@ -15,6 +15,7 @@ use tracing::{debug, field, info, info_span, warn, Instrument};
 
 use crate::broker::Broker;
 use crate::codec::{self, DecodeError};
+use crate::inspect::SessionInfo;
 use crate::packet::{
     ConnAck, ConnAckProperties, Connect, Disconnect, Packet, ProtocolVersion, ReasonCode,
 };
@@ -398,6 +399,10 @@ async fn main_loop(
             _ = shutdown.recv() => return Exit::Shutdown,
             Some(c) = control_rx.recv() => match c {
                 Control::TakeOver(reply) => return Exit::TakenOver(reply),
+                Control::Snapshot(reply) => {
+                    let _ = reply.send(SessionInfo::of(session, true, conn.will.is_some()));
+                }
+                Control::Kick => return Exit::Kicked,
             },
             r = wr.write_buf(&mut conn.out), if !conn.out.is_empty() => match r {
                 Ok(0) => return Exit::PeerClosed,
@@ -430,6 +435,7 @@ async fn finish(
         Exit::ClientDisconnect { .. } | Exit::TakenOver(_) | Exit::Shutdown => {
             debug!(reason = %exit, "connection closed")
         }
+        Exit::Kicked => info!(reason = %exit, "connection closed"),
         Exit::PeerClosed | Exit::Io(_) | Exit::KeepAliveTimeout => {
             info!(reason = %exit, "connection lost")
         }
@@ -487,11 +493,19 @@ async fn finish(
             Parked::Offline => {}
             Parked::Ended(s) | Parked::Stale(s) => broker.end_session(s),
             Parked::HandOver(s) => {
-                // The request was queued before the slot changed, so it is there to take.
-                match control_rx.recv().await {
-                    Some(Control::TakeOver(reply)) => hand_over(&broker, reply, s),
-                    None => {
-                        broker.registry.park_orphan(s, now);
+                // The request was queued before the slot changed, so it is there to take
+                // (behind any admin requests, which are dropped unanswered).
+                loop {
+                    match control_rx.recv().await {
+                        Some(Control::TakeOver(reply)) => {
+                            hand_over(&broker, reply, s);
+                            break;
+                        }
+                        Some(Control::Snapshot(_) | Control::Kick) => continue,
+                        None => {
+                            broker.registry.park_orphan(s, now);
+                            break;
+                        }
                     }
                 }
             }

@@ -4,12 +4,16 @@
 //! [`server::run`], which takes an already bound listener so tests can bind port 0.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
+pub mod admin_client;
 pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod connection;
 pub mod expiry;
+pub mod http;
 pub mod index;
+pub mod inspect;
 pub mod mailbox;
 pub mod message;
 pub mod packet;

@@ -1,13 +1,22 @@
-//! The `tether` command: parse the command line, load the configuration, bind, run.
+//! The `tether` command: parse the command line, load the configuration (file, `TETHER_`
+//! environment, flags), set up logging, bind, run; SIGHUP reloads what can change live.
+//! `tether sessions ...` is a client of a running broker's admin API instead.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use clap::Parser;
-use tether::config::{Config, REFERENCE_TOML};
+use clap::{Parser, Subcommand, ValueEnum};
+use tether::admin_client::{self, AdminClient};
+use tether::broker::Broker;
+use tether::config::{Config, ConfigError, ExtraListener, LogFormat, LIVE_KEYS, REFERENCE_TOML};
+use tether::server::{Listener, Sockets};
 use tokio::net::TcpListener;
-use tracing::{error, info};
+use tracing::{error, info, warn};
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{fmt, reload, Registry};
 
 /// tether: an MQTT 3.1.1 / 5.0 broker with sessions done right.
 #[derive(Debug, Parser)]
@@ -16,58 +25,129 @@ struct Args {
     /// Configuration file (TOML). Without it, the embedded defaults are used.
     #[arg(short = 'c', long = "config", value_name = "PATH")]
     config: Option<PathBuf>,
-    /// Listener address, overriding `listener.bind`.
+    /// MQTT listener address. Given once or more, it replaces `listener.bind` (the first) and
+    /// every `[[listeners]]` entry (the others).
     #[arg(short = 'b', long = "bind", value_name = "HOST:PORT")]
-    bind: Option<SocketAddr>,
+    bind: Vec<SocketAddr>,
+    /// Directory for persistent state (`data_dir`). Persistence is not implemented yet: the
+    /// directory is only created and checked to be writable.
+    #[arg(short = 'd', long = "data-dir", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     /// Log at debug level.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
+    /// Log line format, overriding `log.format`.
+    #[arg(long = "log-format", value_name = "FORMAT")]
+    log_format: Option<FormatArg>,
     /// Parse and validate the configuration, print the effective values, and exit.
     #[arg(long = "check-config")]
     check_config: bool,
     /// Print the annotated reference configuration and exit.
     #[arg(long = "print-default-config")]
     print_default_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Inspect and manage the sessions of a running broker through its admin API.
+    Sessions {
+        /// Base URL of the admin API (`admin.bind` of the broker).
+        #[arg(
+            long = "admin",
+            value_name = "URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        admin: String,
+        /// Bearer token (`admin.token`); defaults to $TETHER_ADMIN__TOKEN.
+        #[arg(long = "token", value_name = "TOKEN")]
+        token: Option<String>,
+        #[command(subcommand)]
+        action: SessionsAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SessionsAction {
+    /// List every session (online and offline).
+    List {
+        /// Print the JSON the API returns instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one session as JSON.
+    Show {
+        /// Client Identifier.
+        client_id: String,
+    },
+    /// Disconnect a connected client (MQTT 5: DISCONNECT 0x98); its session stays.
+    Kick {
+        /// Client Identifier.
+        client_id: String,
+    },
+    /// Delete a session (a connected client is disconnected first).
+    Delete {
+        /// Client Identifier.
+        client_id: String,
+    },
+}
+
+type LevelHandle = reload::Handle<LevelFilter, Registry>;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Sessions {
+        admin,
+        token,
+        action,
+    }) = &args.command
+    {
+        return sessions(admin, token.clone(), action);
+    }
     if args.print_default_config {
         print!("{REFERENCE_TOML}");
         return ExitCode::SUCCESS;
     }
-    let mut config = match &args.config {
-        Some(path) => match Config::load(path) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("tether: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        None => Config::default(),
+    let config = match load_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tether: {e}");
+            return ExitCode::FAILURE;
+        }
     };
-    if let Some(bind) = args.bind {
-        config.listener.bind = bind.to_string();
-    }
-    if args.verbose {
-        config.log.level = "debug".to_string();
-    }
     if args.check_config {
         println!("{config:#?}");
         return ExitCode::SUCCESS;
     }
 
-    let level = config
-        .log
-        .level
-        .parse::<tracing::Level>()
-        .unwrap_or(tracing::Level::INFO);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_target(false)
-        // Colour only on a terminal: journald, files and pipes get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+    let level = level_filter(&config.log.level);
+    let (filter, handle) = reload::Layer::new(level);
+    // Colour only on a terminal: journald, files and pipes get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (text, json) = match config.log.format {
+        LogFormat::Text => (Some(fmt::layer().with_target(false).with_ansi(ansi)), None),
+        LogFormat::Json => (None, Some(fmt::layer().json().with_target(false))),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
         .init();
+
+    if let Some(dir) = &config.data_dir {
+        if let Err(e) = prepare_data_dir(dir) {
+            error!(data_dir = %dir.display(), "data directory unusable: {e}");
+            return ExitCode::FAILURE;
+        }
+        info!(data_dir = %dir.display(), "data directory ready (persistence is not implemented yet)");
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -79,39 +159,227 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
-        let listener = match TcpListener::bind(&config.listener.bind).await {
-            Ok(l) => l,
-            Err(e) => {
-                error!(bind = %config.listener.bind, "cannot listen: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        tether::server::run(listener, config, shutdown_signal()).await;
-        info!("stopped");
-        ExitCode::SUCCESS
-    })
+    runtime.block_on(run(args, config, handle))
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+async fn run(args: Args, config: Config, handle: LevelHandle) -> ExitCode {
+    // Signal handlers go in before anything binds: a SIGHUP arriving once the broker is
+    // reachable must not hit the default action (which terminates the process).
+    let signals = match Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut sockets = Sockets::default();
+    for spec in config.listener_specs() {
+        match TcpListener::bind(spec.bind).await {
+            Ok(socket) => sockets.mqtt.push(Listener {
+                socket,
+                max_connections: spec.max_connections,
+            }),
+            Err(e) => {
+                error!(bind = %spec.bind, "cannot listen: {e}");
+                return ExitCode::FAILURE;
             }
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+    if !config.admin.bind.is_empty() {
+        match TcpListener::bind(&config.admin.bind).await {
+            Ok(l) => sockets.admin = Some(l),
+            Err(e) => {
+                error!(bind = %config.admin.bind, "cannot listen for the admin API: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let broker = Broker::new(Arc::new(config));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(signals.handle(args, broker.clone(), handle, stop_tx));
+    tether::server::run_sockets(sockets, broker, async {
+        let _ = stop_rx.await;
+    })
+    .await;
+    info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// Defaults, then the file, then `TETHER_` variables, then flags.
+fn load_config(args: &Args) -> Result<Config, ConfigError> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    config.apply_env(std::env::vars())?;
+    if let Some((first, rest)) = args.bind.split_first() {
+        config.listener.bind = first.to_string();
+        config.listeners = rest
+            .iter()
+            .map(|b| ExtraListener {
+                bind: b.to_string(),
+                max_connections: None,
+            })
+            .collect();
+    }
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = Some(dir.clone());
+    }
+    if args.verbose {
+        config.log.level = "debug".to_string();
+    }
+    match args.log_format {
+        Some(FormatArg::Text) => config.log.format = LogFormat::Text,
+        Some(FormatArg::Json) => config.log.format = LogFormat::Json,
+        None => {}
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn level_filter(level: &str) -> LevelFilter {
+    level
+        .parse::<tracing::Level>()
+        .map(LevelFilter::from_level)
+        .unwrap_or(LevelFilter::INFO)
+}
+
+/// Create the data directory if needed and prove it writable, so a container volume or a
+/// systemd StateDirectory with the wrong owner fails at start, not at the first write.
+fn prepare_data_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".tether-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"ok")?;
+    std::fs::remove_file(&probe)
+}
+
+/// The signals the daemon handles.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                hup: signal(SignalKind::hangup())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// SIGINT / SIGTERM: the first starts the graceful shutdown, a second exits at once.
+    /// SIGHUP: reload.
+    async fn handle(
+        mut self,
+        args: Args,
+        broker: Arc<Broker>,
+        handle: LevelHandle,
+        stop: tokio::sync::oneshot::Sender<()>,
+    ) {
+        let mut stop = Some(stop);
+        loop {
+            let hup = self.next().await;
+            if hup {
+                reload(&args, &broker, &handle);
+                continue;
+            }
+            match stop.take() {
+                Some(tx) => {
+                    info!("signal received; shutting down gracefully (again to exit at once)");
+                    let _ = tx.send(());
+                }
+                None => {
+                    warn!("second signal: exiting at once");
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
+
+    /// Waits for the next signal: `true` for SIGHUP, `false` for SIGINT / SIGTERM.
+    async fn next(&mut self) -> bool {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => false,
+                _ = self.term.recv() => false,
+                _ = self.hup.recv() => true,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            false
+        }
+    }
+}
+
+/// SIGHUP: read the configuration again (file, environment, flags). Keys in `LIVE_KEYS` take
+/// effect now; the others are logged as needing a restart. A bad file changes nothing.
+fn reload(args: &Args, broker: &Broker, handle: &LevelHandle) {
+    let new = match load_config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("reload failed, keeping the running configuration: {e}");
+            return;
+        }
+    };
+    let old = broker.live_config();
+    let changed = old.changed_keys(&new);
+    let (live, restart): (Vec<String>, Vec<String>) = changed
+        .into_iter()
+        .partition(|k| LIVE_KEYS.contains(&k.as_str()));
+    if old.log.level != new.log.level {
+        if let Err(e) = handle.modify(|f| *f = level_filter(&new.log.level)) {
+            error!("cannot change the log level: {e}");
+        }
+    }
+    broker.set_live_config(Arc::new(new));
+    info!(applied = ?live, needs_restart = ?restart, "configuration reloaded");
+}
+
+/// `tether sessions ...`.
+fn sessions(url: &str, token: Option<String>, action: &SessionsAction) -> ExitCode {
+    let token = token.or_else(|| std::env::var("TETHER_ADMIN__TOKEN").ok());
+    let client = match AdminClient::new(url, token) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tether: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match action {
+        SessionsAction::List { json } => client.list().and_then(|list| {
+            if *json {
+                serde_json::to_string_pretty(&list)
+                    .map(|s| println!("{s}"))
+                    .map_err(|e| e.to_string())
+            } else {
+                print!("{}", admin_client::table(&list));
+                Ok(())
+            }
+        }),
+        SessionsAction::Show { client_id } => client.show(client_id).map(|s| print!("{s}")),
+        SessionsAction::Kick { client_id } => client
+            .kick(client_id)
+            .map(|()| println!("kicked {client_id}")),
+        SessionsAction::Delete { client_id } => client
+            .delete(client_id)
+            .map(|()| println!("deleted {client_id}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -48,6 +48,8 @@ pub enum Exit {
     TakenOver(oneshot::Sender<Box<Session>>),
     /// The broker is shutting down.
     Shutdown,
+    /// An administrator disconnected the client (admin API).
+    Kicked,
 }
 
 impl Exit {
@@ -59,6 +61,7 @@ impl Exit {
             Exit::KeepAliveTimeout => Some(ReasonCode::KEEP_ALIVE_TIMEOUT),
             Exit::TakenOver(_) => Some(ReasonCode::SESSION_TAKEN_OVER),
             Exit::Shutdown => Some(ReasonCode::SERVER_SHUTTING_DOWN),
+            Exit::Kicked => Some(ReasonCode::ADMINISTRATIVE_ACTION),
             Exit::ClientDisconnect { .. } | Exit::PeerClosed | Exit::Io(_) => None,
         }
     }
@@ -89,6 +92,7 @@ impl std::fmt::Display for Exit {
             Exit::Io(e) => write!(f, "socket error: {e}"),
             Exit::TakenOver(_) => write!(f, "session taken over by a new connection"),
             Exit::Shutdown => write!(f, "server shutting down"),
+            Exit::Kicked => write!(f, "disconnected by an administrator"),
         }
     }
 }

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::expiry::{Timer, TimerKind, Timers};
+use crate::inspect::SessionInfo;
 use crate::session::{Session, EXPIRY_NEVER};
 
 /// A request to the connection task that currently owns a session.
@@ -27,6 +28,11 @@ pub enum Control {
     /// Another connection claimed the Client ID: close (v5: DISCONNECT 0x8E) and hand the
     /// session over through the sender.
     TakeOver(oneshot::Sender<Box<Session>>),
+    /// The admin API asks for a view of the session (answered from the main loop).
+    Snapshot(oneshot::Sender<SessionInfo>),
+    /// The admin API disconnects the client (v5: DISCONNECT 0x98); the session is parked as
+    /// after any other server-side close.
+    Kick,
 }
 
 /// Who holds a Client ID's session.
@@ -408,6 +414,17 @@ impl Registry {
         self.slots
             .get(client_id)
             .is_some_and(|s| !matches!(*s, Slot::Offline { .. }))
+    }
+
+    /// Client IDs of every slot, in no particular order (admin listing).
+    pub fn client_ids(&self) -> Vec<Arc<str>> {
+        self.slots.iter().map(|s| s.key().clone()).collect()
+    }
+
+    /// Run `f` on the slot of `client_id` (admin inspection). `f` runs under the shard lock:
+    /// it must be short and must not block.
+    pub fn with_slot<R>(&self, client_id: &str, f: impl FnOnce(&Slot) -> R) -> Option<R> {
+        self.slots.get(client_id).map(|s| f(s.value()))
     }
 
     /// Run `f` on the parked session of `client_id`, if it is offline (inspection, tests).

@@ -24,6 +24,24 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// A bound MQTT listener and how many connections it serves at once.
+#[derive(Debug)]
+pub struct Listener {
+    /// The bound socket.
+    pub socket: TcpListener,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+}
+
+/// Everything the broker serves: MQTT listeners and, optionally, the admin HTTP listener.
+#[derive(Debug, Default)]
+pub struct Sockets {
+    /// MQTT listeners (at least one, normally).
+    pub mqtt: Vec<Listener>,
+    /// The admin API and metrics listener (`admin.bind`), if configured.
+    pub admin: Option<TcpListener>,
+}
+
 /// Run the broker on `listener` until `shutdown` completes.
 pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
     let broker = Broker::new(Arc::new(config));
@@ -36,18 +54,67 @@ pub async fn run_with(
     broker: Arc<Broker>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let sockets = Sockets {
+        mqtt: vec![Listener {
+            socket: listener,
+            max_connections: broker.config.listener.max_connections,
+        }],
+        admin: None,
+    };
+    run_sockets(sockets, broker, shutdown).await
+}
+
+/// Run every listener in `sockets` (and the `$SYS` publisher when `sys_interval_secs` > 0)
+/// until `shutdown` completes; then stop accepting everywhere and drain the connections.
+pub async fn run_sockets(
+    sockets: Sockets,
+    broker: Arc<Broker>,
+    shutdown: impl Future<Output = ()>,
+) {
     let (notify_tx, shutdown_rx) = Shutdown::new();
     let mut tasks = JoinSet::new();
     tasks.spawn(broker.clone().run_timers(shutdown_rx.clone()));
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "listening for MQTT");
+    for listener in sockets.mqtt {
+        if let Ok(addr) = listener.socket.local_addr() {
+            info!(%addr, max_connections = listener.max_connections, "listening for MQTT");
+        }
+        tasks.spawn(serve_listener(
+            listener,
+            broker.clone(),
+            shutdown_rx.clone(),
+        ));
     }
+    if let Some(admin) = sockets.admin {
+        tasks.spawn(crate::admin::serve(
+            admin,
+            broker.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+    if broker.config.sys_interval_secs > 0 {
+        let every = Duration::from_secs(broker.config.sys_interval_secs);
+        tasks.spawn(crate::admin::run_sys(
+            broker.clone(),
+            every,
+            shutdown_rx.clone(),
+        ));
+    }
+    shutdown.await;
+    info!("shutting down");
+    stop(notify_tx, tasks).await;
+}
+
+/// One MQTT listener: accept until shutdown, then close the socket and wait for its
+/// connections (the caller bounds that wait; aborting this task aborts them).
+async fn serve_listener(listener: Listener, broker: Arc<Broker>, mut shutdown: Shutdown) {
+    let mut tasks = JoinSet::new();
+    let for_connections = shutdown.clone();
     tokio::select! {
-        _ = accept_loop(&listener, &broker, &shutdown_rx, &mut tasks) => {}
-        _ = shutdown => info!("shutting down"),
+        _ = accept_loop(&listener, &broker, &for_connections, &mut tasks) => {}
+        _ = shutdown.recv() => {}
     }
     drop(listener);
-    stop(notify_tx, tasks).await;
+    while tasks.join_next().await.is_some() {}
 }
 
 async fn stop(notify_tx: watch::Sender<bool>, mut tasks: JoinSet<()>) {
@@ -57,21 +124,18 @@ async fn stop(notify_tx: watch::Sender<bool>, mut tasks: JoinSet<()>) {
     })
     .await;
     if drained.is_err() {
-        warn!(
-            left = tasks.len(),
-            "connections still closing after {DRAIN_TIMEOUT:?}; aborting them"
-        );
+        warn!("connections still closing after {DRAIN_TIMEOUT:?}; aborting them");
         tasks.abort_all();
     }
 }
 
 async fn accept_loop(
-    listener: &TcpListener,
+    listener: &Listener,
     broker: &Arc<Broker>,
     shutdown: &Shutdown,
     tasks: &mut JoinSet<()>,
 ) {
-    let permits = Arc::new(Semaphore::new(broker.config.listener.max_connections));
+    let permits = Arc::new(Semaphore::new(listener.max_connections));
     let mut backoff = ACCEPT_BACKOFF_START;
     loop {
         // Wait for a free slot before accepting, so excess clients wait in the backlog
@@ -81,7 +145,7 @@ async fn accept_loop(
         };
         // Reap finished tasks so the set does not grow with every connection ever served.
         while tasks.try_join_next().is_some() {}
-        let (stream, peer): (_, SocketAddr) = match listener.accept().await {
+        let (stream, peer): (_, SocketAddr) = match listener.socket.accept().await {
             Ok(s) => {
                 backoff = ACCEPT_BACKOFF_START;
                 s
