@@ -49,7 +49,7 @@ impl Broker {
     /// A broker with nothing in it.
     pub fn new(config: Arc<Config>) -> Arc<Broker> {
         Arc::new(Broker {
-            retained: RetainStore::new(config.retain.max_messages),
+            retained: RetainStore::new(config.retain.max_messages, config.retain.max_bytes),
             live: RwLock::new(config.clone()),
             started: std::time::Instant::now(),
             config,

@@ -117,7 +117,7 @@ pub struct SessionConfig {
     pub max_inbound_inflight: u16,
     /// Messages queued for one session (online or offline, not counting in-flight ones).
     pub max_queued_messages: usize,
-    /// Payload bytes queued for one session.
+    /// Bytes queued for one session: topic, payload and properties of each message.
     pub max_queued_bytes: usize,
     /// What happens when a queue limit is reached.
     pub queue_overflow: OverflowPolicy,
@@ -172,12 +172,16 @@ pub struct RetainConfig {
     /// Most topics holding a retained message; a retained PUBLISH to a new topic past it is
     /// delivered but not retained (counted as `dropped_retained_full`).
     pub max_messages: usize,
+    /// Most bytes (topic, payload and properties) held by retained messages; a retained
+    /// PUBLISH that would pass it is delivered but not retained (counted).
+    pub max_bytes: usize,
 }
 
 impl Default for RetainConfig {
     fn default() -> Self {
         RetainConfig {
             max_messages: 100_000,
+            max_bytes: 256 * 1024 * 1024,
         }
     }
 }

@@ -271,8 +271,9 @@ mod tests {
 
     #[test]
     fn byte_limit_applies() {
+        // Each delivery counts topic "a/b" + payload: 6 bytes for "abc".
         let stats = Stats::default();
-        let mb = Mailbox::new(limits(100, 5, OverflowPolicy::DropNew));
+        let mb = Mailbox::new(limits(100, 8, OverflowPolicy::DropNew));
         assert_eq!(
             mb.push(delivery(QoS::AtLeastOnce, b"abc"), &stats),
             Pushed::Queued
@@ -281,13 +282,28 @@ mod tests {
             mb.push(delivery(QoS::AtLeastOnce, b"abc"), &stats),
             Pushed::DroppedFull
         );
-        assert_eq!(mb.bytes(), 3);
+        assert_eq!(mb.bytes(), 6);
         // Larger than the whole limit: dropped even under drop-oldest.
-        let mb = Mailbox::new(limits(100, 5, OverflowPolicy::DropOldest));
+        let mb = Mailbox::new(limits(100, 8, OverflowPolicy::DropOldest));
         assert_eq!(
             mb.push(delivery(QoS::AtLeastOnce, b"abcdef"), &stats),
             Pushed::DroppedFull
         );
+    }
+
+    /// A message cannot dodge the byte limit with an empty payload: topic and properties
+    /// count too.
+    #[test]
+    fn byte_limit_counts_topic_and_properties() {
+        let stats = Stats::default();
+        let mb = Mailbox::new(limits(100, 64, OverflowPolicy::DropNew));
+        let mut d = delivery(QoS::AtLeastOnce, b"");
+        Arc::make_mut(&mut d.msg)
+            .properties
+            .user_properties
+            .push(("k".repeat(40), "v".repeat(40)));
+        assert_eq!(mb.push(d, &stats), Pushed::DroppedFull);
+        assert_eq!(Stats::get(&stats.dropped_queue_full), 1);
     }
 
     #[test]

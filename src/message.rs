@@ -33,6 +33,23 @@ impl Message {
     pub fn expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
     }
+
+    /// Bytes this message holds: topic, payload and variable-size properties. Queue and
+    /// retained-store byte limits count this, so a message cannot dodge them with an empty
+    /// payload and a huge topic or user properties.
+    pub fn size(&self) -> usize {
+        let p = &self.properties;
+        let strings = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        self.topic.len()
+            + self.payload.len()
+            + strings(&p.response_topic)
+            + strings(&p.content_type)
+            + p.correlation_data.as_ref().map_or(0, |d| d.len())
+            + p.user_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
 }
 
 /// One message on its way to one session: the shared message plus what differs per subscriber.
@@ -50,8 +67,8 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// Payload bytes, the unit the queue byte limit counts.
+    /// Bytes the queue byte limit counts for it (see `Message::size`).
     pub fn size(&self) -> usize {
-        self.msg.payload.len()
+        self.msg.size()
     }
 }

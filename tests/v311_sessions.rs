@@ -399,17 +399,18 @@ async fn offline_queue_message_limit() {
     assert_eq!(dropped, 3, "drop-oldest counter");
 }
 
-/// `max_queued_bytes = 10` with 4-byte payloads: two fit; the rest are dropped and counted.
+/// `max_queued_bytes = 14` with 7-byte messages (topic "q/t" + 4-byte payload): two fit; the
+/// rest are dropped and counted.
 #[tokio::test]
 async fn offline_queue_byte_limit() {
     let msgs = ["m001", "m002", "m003", "m004", "m005"];
     let (got, dropped) =
-        offline_queue_run(queue_config(1000, 10, OverflowPolicy::DropNew), &msgs).await;
+        offline_queue_run(queue_config(1000, 14, OverflowPolicy::DropNew), &msgs).await;
     assert_eq!(got, ["m001", "m002"], "drop-new");
     assert_eq!(dropped, 3, "drop-new counter");
 
     let (got, dropped) =
-        offline_queue_run(queue_config(1000, 10, OverflowPolicy::DropOldest), &msgs).await;
+        offline_queue_run(queue_config(1000, 14, OverflowPolicy::DropOldest), &msgs).await;
     assert_eq!(got, ["m004", "m005"], "drop-oldest");
     assert_eq!(dropped, 3, "drop-oldest counter");
 }
