@@ -312,20 +312,33 @@ async fn claim(
                 generation,
                 session,
             } => return Some((generation, Some(session))),
-            Claim::Wait { generation, reply } => {
-                match tokio::time::timeout_at(deadline, reply).await {
-                    Ok(Ok(session)) => {
-                        if broker.registry.install(client_id, generation, control) {
-                            return Some((generation, Some(session)));
-                        }
-                        broker.registry.park_orphan(session, Instant::now());
-                        return None;
+            Claim::Wait {
+                generation,
+                mut reply,
+            } => {
+                let session = match tokio::time::timeout_at(deadline, &mut reply).await {
+                    Ok(Ok(session)) => Some(session),
+                    Ok(Err(_)) => None,
+                    Err(_) => {
+                        // The owner may have sent it just as time ran out: close the channel
+                        // and look once more, so a session in flight is never dropped.
+                        reply.close();
+                        reply.try_recv().ok()
                     }
-                    _ => {
-                        broker.registry.abandon(client_id, generation);
-                        return None;
-                    }
+                };
+                let Some(session) = session else {
+                    broker.registry.abandon(client_id, generation);
+                    return None;
+                };
+                if broker.registry.install(client_id, generation, control) {
+                    return Some((generation, Some(session)));
                 }
+                if let Parked::Ended(s) | Parked::Stale(s) =
+                    broker.registry.park_orphan(session, Instant::now())
+                {
+                    broker.end_session(s);
+                }
+                return None;
             }
             Claim::Busy => {
                 if Instant::now() >= deadline {
@@ -398,6 +411,9 @@ async fn main_loop(
             biased;
             _ = shutdown.recv() => return Exit::Shutdown,
             Some(c) = control_rx.recv() => match c {
+                // An asker that already gave up (and restored our slot) is ignored: the
+                // client keeps its connection.
+                Control::TakeOver(reply) if reply.is_closed() => {}
                 Control::TakeOver(reply) => return Exit::TakenOver(reply),
                 Control::Snapshot(reply) => {
                     let _ = reply.send(SessionInfo::of(session, true, conn.will.is_some()));
@@ -487,48 +503,53 @@ async fn finish(
         }
     }
 
-    match exit {
-        Exit::TakenOver(reply) => hand_over(&broker, reply, session),
-        _ => match broker.registry.park(conn.generation, session, now) {
-            Parked::Offline => {}
-            Parked::Ended(s) | Parked::Stale(s) => broker.end_session(s),
+    // Hand the session to the connection taking it over, or park it. A taker that gave up
+    // waiting has restored our slot (`Registry::abandon`), so we then park it ourselves.
+    let mut reply = match exit {
+        Exit::TakenOver(reply) => Some(reply),
+        _ => None,
+    };
+    loop {
+        if let Some(r) = reply.take() {
+            match r.send(session) {
+                Ok(()) => break,
+                Err(s) => session = s,
+            }
+        }
+        match broker.registry.park(conn.generation, session, now) {
+            Parked::Offline => break,
+            Parked::Ended(s) | Parked::Stale(s) => {
+                broker.end_session(s);
+                break;
+            }
             Parked::HandOver(s) => {
                 // The request was queued before the slot changed, so it is there to take
                 // (behind any admin requests, which are dropped unanswered).
+                session = s;
                 loop {
                     match control_rx.recv().await {
-                        Some(Control::TakeOver(reply)) => {
-                            hand_over(&broker, reply, s);
+                        Some(Control::TakeOver(r)) => {
+                            reply = Some(r);
                             break;
                         }
                         Some(Control::Snapshot(_) | Control::Kick) => continue,
-                        None => {
-                            broker.registry.park_orphan(s, now);
-                            break;
-                        }
+                        None => break,
                     }
                 }
+                if reply.is_none() {
+                    if let Parked::Ended(s) | Parked::Stale(s) =
+                        broker.registry.park_orphan(session, now)
+                    {
+                        broker.end_session(s);
+                    }
+                    break;
+                }
             }
-        },
+        }
     }
 
     if !conn.out.is_empty() {
         let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&conn.out)).await;
     }
     let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.shutdown()).await;
-}
-
-fn hand_over(
-    broker: &Broker,
-    reply: tokio::sync::oneshot::Sender<Box<Session>>,
-    session: Box<Session>,
-) {
-    if let Err(session) = reply.send(session) {
-        // The new connection gave up waiting; keep the session rather than lose it.
-        if let Parked::Ended(s) | Parked::Stale(s) =
-            broker.registry.park_orphan(session, Instant::now())
-        {
-            broker.end_session(s);
-        }
-    }
 }

@@ -60,6 +60,8 @@ pub enum Slot {
     TakingOver {
         /// Generation of the waiting connection.
         generation: u64,
+        /// The owner being asked, restored if the takeover is abandoned.
+        previous: (u64, mpsc::Sender<Control>),
     },
 }
 
@@ -138,14 +140,21 @@ impl Registry {
             }
             Entry::Occupied(mut o) => match o.get() {
                 Slot::TakingOver { .. } => Claim::Busy,
-                Slot::Online { control: old, .. } => {
+                Slot::Online {
+                    control: old,
+                    generation: old_generation,
+                } => {
                     let (tx, rx) = oneshot::channel();
                     // Sent while the shard is locked: once the slot reads TakingOver, the
                     // request is already in the old owner's channel, so an owner that parks
                     // concurrently finds it there.
                     match old.try_send(Control::TakeOver(tx)) {
                         Ok(()) => {
-                            o.insert(Slot::TakingOver { generation });
+                            let previous = (*old_generation, old.clone());
+                            o.insert(Slot::TakingOver {
+                                generation,
+                                previous,
+                            });
                             Claim::Wait {
                                 generation,
                                 reply: rx,
@@ -196,7 +205,7 @@ impl Registry {
         control: &mpsc::Sender<Control>,
     ) -> bool {
         match self.slots.get_mut(client_id) {
-            Some(mut slot) if matches!(*slot, Slot::TakingOver { generation: g } if g == generation) =>
+            Some(mut slot) if matches!(*slot, Slot::TakingOver { generation: g, .. } if g == generation) =>
             {
                 *slot = Slot::Online {
                     generation,
@@ -208,12 +217,25 @@ impl Registry {
         }
     }
 
-    /// Give up a takeover that timed out: free the slot so later connects are not stuck.
+    /// Give up a takeover that timed out: the slot goes back to the connection that was asked,
+    /// which still owns the session (it ignores a request whose asker is gone, or parks the
+    /// session itself if it had already started closing).
     pub fn abandon(&self, client_id: &Arc<str>, generation: u64) {
-        self.slots.remove_if(
-            client_id,
-            |_, slot| matches!(slot, Slot::TakingOver { generation: g } if *g == generation),
-        );
+        if let Some(mut slot) = self.slots.get_mut(client_id) {
+            if let Slot::TakingOver {
+                generation: g,
+                previous,
+            } = &*slot
+            {
+                if *g == generation {
+                    let (generation, control) = previous.clone();
+                    *slot = Slot::Online {
+                        generation,
+                        control,
+                    };
+                }
+            }
+        }
     }
 
     /// The slot a session parks in: `Offline` with its expiry armed, or `Err` when its
@@ -532,6 +554,29 @@ mod tests {
         assert!(reg.install(&id, g2, &tx2));
         // The old generation can no longer park.
         assert!(matches!(reg.park(g1, s, Instant::now()), Parked::Stale(_)));
+    }
+
+    /// A taker that gives up restores the owner, which then parks its session normally
+    /// instead of finding its slot gone and dropping the session as stale.
+    #[tokio::test]
+    async fn abandoned_takeover_gives_the_slot_back_to_the_owner() {
+        let reg = Registry::new();
+        let id: Arc<str> = "c".into();
+        let (tx1, _rx1) = control();
+        let Claim::Fresh { generation: g1 } = reg.claim(&id, &tx1) else {
+            panic!()
+        };
+        let (tx2, _rx2) = control();
+        let Claim::Wait { generation: g2, .. } = reg.claim(&id, &tx2) else {
+            panic!("expected wait")
+        };
+        reg.abandon(&id, g2);
+        assert!(reg.is_online("c"));
+        assert!(matches!(
+            reg.park(g1, session("c", EXPIRY_NEVER), Instant::now()),
+            Parked::Offline
+        ));
+        assert_eq!(reg.offline_count(), 1);
     }
 
     #[tokio::test]
