@@ -184,7 +184,12 @@ impl Conn {
                 false
             }
             Err(e) => {
+                // Only a field past a length limit of the encoding gets here: for a PUBLISH
+                // that is a message too large for this client, and counted as such.
                 debug!(packet = p.name(), "not sent: cannot encode: {e:?}");
+                if matches!(p, Packet::Publish(_)) {
+                    Stats::incr(&self.broker.stats.dropped_too_large);
+                }
                 false
             }
         }
