@@ -15,7 +15,7 @@ mod harness;
 use std::sync::Arc;
 use std::time::{Duration, Instant as WallClock};
 
-use harness::{black_box, count_label, Harness};
+use harness::{black_box, count_label, Harness, Rng};
 use tether::broker::Broker;
 use tether::config::Config;
 use tether::expiry::{Timer, TimerKind, Timers};
@@ -23,18 +23,6 @@ use tether::packet::ProtocolVersion;
 use tether::registry::{Claim, Control, Parked, Registry};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-
-/// Deterministic pseudo-random numbers (xorshift64*), so runs are comparable.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 /// Session expiry used for parked sessions: long enough never to fire during a run.
 const EXPIRY_SECS: u32 = 3600;

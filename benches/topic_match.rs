@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant as WallClock;
 
 use bytes::Bytes;
-use harness::{black_box, count_label, Harness};
+use harness::{black_box, count_label, Harness, Rng};
 use tether::config::OverflowPolicy;
 use tether::index::TopicIndex;
 use tether::mailbox::{Mailbox, QueueLimits};
@@ -24,18 +24,6 @@ use tether::packet::{QoS, RetainHandling};
 use tether::router::{Router, SubEntry};
 use tether::session::Subscription;
 use tether::stats::Stats;
-
-/// Deterministic pseudo-random numbers (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 /// Devices per tenant; filter `i` belongs to tenant `i / DEVICES`, device `i % DEVICES`.
 const DEVICES: usize = 100;

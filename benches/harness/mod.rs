@@ -273,3 +273,16 @@ fn fmt_count(x: f64) -> String {
     }
     out
 }
+
+/// Deterministic pseudo-random numbers (xorshift64*), so runs are comparable.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 pseudo-random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
