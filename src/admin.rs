@@ -225,6 +225,8 @@ pub struct Figures {
     pub expiry_timers: u64,
     /// Sessions ended by expiry since start.
     pub sessions_expired: u64,
+    /// CONNECTs refused at `session.max_sessions` since start.
+    pub sessions_refused: u64,
     /// Wills published since start.
     pub wills_published: u64,
     /// Connections closed for protocol errors since start.
@@ -260,6 +262,7 @@ pub async fn figures(broker: &Broker) -> Figures {
         retained: broker.retained.len() as u64,
         expiry_timers: broker.registry.timers.len() as u64,
         sessions_expired: Stats::get(&s.sessions_expired),
+        sessions_refused: Stats::get(&s.sessions_refused),
         wills_published: Stats::get(&s.wills_published),
         protocol_errors: Stats::get(&s.protocol_errors),
     }
@@ -366,6 +369,12 @@ pub fn prometheus(f: &Figures) -> String {
         "counter",
         "Sessions ended by expiry.",
         &[("", f.sessions_expired)],
+    );
+    metric(
+        "tether_sessions_refused_total",
+        "counter",
+        "CONNECTs refused because session.max_sessions sessions exist.",
+        &[("", f.sessions_refused)],
     );
     metric(
         "tether_wills_published_total",

@@ -133,6 +133,9 @@ pub struct SessionConfig {
     pub max_session_expiry_secs: u32,
     /// Longest Client Identifier accepted, in bytes.
     pub max_client_id_len: usize,
+    /// Sessions the broker holds at once, online and offline. A CONNECT that would create
+    /// another is refused (CONNACK 0x03 / v5 0x97 Quota exceeded); resuming one is not.
+    pub max_sessions: usize,
     /// Seconds a taking-over connection waits for the old connection to hand its session back.
     pub takeover_timeout_secs: u64,
 }
@@ -150,6 +153,7 @@ impl Default for SessionConfig {
             persistent_session_max_lifetime_secs: 0,
             max_session_expiry_secs: u32::MAX,
             max_client_id_len: 256,
+            max_sessions: 1_000_000,
             takeover_timeout_secs: 5,
         }
     }
@@ -461,6 +465,9 @@ impl Config {
         }
         if self.session.max_subscriptions == 0 {
             return bad("session.max_subscriptions", "must be at least 1");
+        }
+        if self.session.max_sessions == 0 {
+            return bad("session.max_sessions", "must be at least 1");
         }
         if !(23..=65_535).contains(&self.session.max_client_id_len) {
             return bad("session.max_client_id_len", "must be between 23 and 65535");

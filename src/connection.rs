@@ -122,6 +122,21 @@ async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown
         return;
     }
 
+    // The registry is the one map every client can grow (3.1.1 persistent sessions never
+    // expire by default), so it has a bound. Checked before the claim: `len` locks every
+    // shard, which must not happen under an entry guard; concurrent CONNECTs may overshoot
+    // the bound by a few.
+    if !broker.registry.contains(&client_id) && broker.registry.len() >= config.session.max_sessions
+    {
+        warn!(
+            max = config.session.max_sessions,
+            "session limit reached; refusing"
+        );
+        Stats::incr(&broker.stats.sessions_refused);
+        refuse(&mut stream, protocol, ReasonCode::QUOTA_EXCEEDED).await;
+        return;
+    }
+
     let (control_tx, mut control_rx) = mpsc::channel::<Control>(4);
     let Some((generation, old)) = claim(broker, &client_id, &control_tx).await else {
         warn!("takeover of the existing session did not complete in time; refusing");

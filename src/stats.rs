@@ -24,6 +24,8 @@ pub struct Stats {
     pub dropped_retained_full: AtomicU64,
     /// Messages whose Message Expiry Interval passed before delivery.
     pub dropped_expired: AtomicU64,
+    /// CONNECTs refused because `session.max_sessions` sessions exist.
+    pub sessions_refused: AtomicU64,
     /// Sessions ended by expiry (lifetime or Session Expiry Interval).
     pub sessions_expired: AtomicU64,
     /// Will messages published.
