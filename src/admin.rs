@@ -207,10 +207,14 @@ pub struct Figures {
     pub sessions_offline: u64,
     /// Entries in the subscription index (one per subscription, one per shared group).
     pub subscriptions: u64,
-    /// PUBLISH packets received from clients.
-    pub messages_received: u64,
-    /// PUBLISH packets sent to clients.
-    pub messages_sent: u64,
+    /// PUBLISH packets received from clients, by QoS.
+    pub messages_received: [u64; 3],
+    /// PUBLISH packets sent to clients, by QoS.
+    pub messages_sent: [u64; 3],
+    /// Bytes read from client sockets.
+    pub bytes_received: u64,
+    /// Bytes written to client sockets.
+    pub bytes_sent: u64,
     /// Dropped messages by cause (names as in `Stats`, without `dropped_`).
     pub dropped: Vec<(&'static str, u64)>,
     /// Outbound QoS 1/2 messages in flight, all sessions.
@@ -247,8 +251,10 @@ pub async fn figures(broker: &Broker) -> Figures {
         sessions_online: total.saturating_sub(offline),
         sessions_offline: offline,
         subscriptions: broker.router.len() as u64,
-        messages_received: Stats::get(&s.publish_received),
-        messages_sent: Stats::get(&s.publish_sent),
+        messages_received: s.publish_received.each_ref().map(Stats::get),
+        messages_sent: s.publish_sent.each_ref().map(Stats::get),
+        bytes_received: Stats::get(&s.bytes_received),
+        bytes_sent: Stats::get(&s.bytes_sent),
         dropped: vec![
             ("queue_full", Stats::get(&s.dropped_queue_full)),
             ("qos0_offline", Stats::get(&s.dropped_qos0_offline)),
@@ -310,17 +316,36 @@ pub fn prometheus(f: &Figures) -> String {
         "Subscriptions (one per shared group).",
         &[("", f.subscriptions)],
     );
+    let by_qos = |v: &[u64; 3]| -> [(&'static str, u64); 3] {
+        [
+            ("{qos=\"0\"}", v[0]),
+            ("{qos=\"1\"}", v[1]),
+            ("{qos=\"2\"}", v[2]),
+        ]
+    };
     metric(
         "tether_messages_received_total",
         "counter",
-        "PUBLISH packets received from clients.",
-        &[("", f.messages_received)],
+        "PUBLISH packets received from clients, by QoS.",
+        &by_qos(&f.messages_received),
     );
     metric(
         "tether_messages_sent_total",
         "counter",
-        "PUBLISH packets sent to clients.",
-        &[("", f.messages_sent)],
+        "PUBLISH packets sent to clients, by QoS.",
+        &by_qos(&f.messages_sent),
+    );
+    metric(
+        "tether_bytes_received_total",
+        "counter",
+        "Bytes read from client sockets.",
+        &[("", f.bytes_received)],
+    );
+    metric(
+        "tether_bytes_sent_total",
+        "counter",
+        "Bytes written to client sockets.",
+        &[("", f.bytes_sent)],
     );
     let dropped: Vec<(String, u64)> = f
         .dropped
@@ -419,9 +444,14 @@ pub fn sys_topics(f: &Figures) -> Vec<(String, String)> {
         ("subscriptions/count".into(), f.subscriptions.to_string()),
         (
             "publish/messages/received".into(),
-            f.messages_received.to_string(),
+            f.messages_received.iter().sum::<u64>().to_string(),
         ),
-        ("publish/messages/sent".into(), f.messages_sent.to_string()),
+        (
+            "publish/messages/sent".into(),
+            f.messages_sent.iter().sum::<u64>().to_string(),
+        ),
+        ("bytes/received".into(), f.bytes_received.to_string()),
+        ("bytes/sent".into(), f.bytes_sent.to_string()),
         (
             "publish/messages/dropped".into(),
             f.dropped.iter().map(|(_, n)| n).sum::<u64>().to_string(),

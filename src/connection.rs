@@ -437,12 +437,12 @@ async fn main_loop(
             },
             r = wr.write_buf(&mut conn.out), if !conn.out.is_empty() => match r {
                 Ok(0) => return Exit::PeerClosed,
-                Ok(_) => {}
+                Ok(n) => Stats::add(&conn.broker.stats.bytes_sent, n),
                 Err(e) => return Exit::Io(e),
             },
             r = rd.read_buf(inbuf), if room => match r {
                 Ok(0) => return Exit::PeerClosed,
-                Ok(_) => {}
+                Ok(n) => Stats::add(&conn.broker.stats.bytes_received, n),
                 Err(e) => return Exit::Io(e),
             },
             _ = session.mailbox.notified(), if room => {}

@@ -231,10 +231,10 @@ impl Conn {
                 continue;
             }
             let mut publish = s.start_delivery(d, now);
-            let packet_id = publish.packet_id;
+            let (packet_id, qos) = (publish.packet_id, publish.qos);
             let new_alias = self.apply_outbound_alias(&mut publish);
             if self.send(&Packet::Publish(publish)) {
-                Stats::incr(&self.broker.stats.publish_sent);
+                Stats::incr(&self.broker.stats.publish_sent[qos as usize]);
                 // Only a mapping the client has actually received may be relied on later.
                 if let Some((topic, alias)) = new_alias {
                     self.aliases_out.insert(topic, alias);
@@ -363,7 +363,7 @@ impl Conn {
     }
 
     fn on_publish(&mut self, s: &mut Session, mut p: Publish, now: Instant) -> Result<(), Exit> {
-        Stats::incr(&self.broker.stats.publish_received);
+        Stats::incr(&self.broker.stats.publish_received[p.qos as usize]);
         self.resolve_alias(&mut p)?;
         if !topic::valid_topic_name(&p.topic) {
             return Err(Exit::Violation(

@@ -10,10 +10,14 @@ pub struct Stats {
     pub connections_accepted: AtomicU64,
     /// Connections open now.
     pub connections_current: AtomicU64,
-    /// PUBLISH packets received from clients.
-    pub publish_received: AtomicU64,
-    /// PUBLISH packets sent to clients.
-    pub publish_sent: AtomicU64,
+    /// PUBLISH packets received from clients, by QoS.
+    pub publish_received: [AtomicU64; 3],
+    /// PUBLISH packets sent to clients, by QoS.
+    pub publish_sent: [AtomicU64; 3],
+    /// Bytes read from client sockets (counted per read, not per packet).
+    pub bytes_received: AtomicU64,
+    /// Bytes written to client sockets (counted per write).
+    pub bytes_sent: AtomicU64,
     /// Messages dropped because a session queue hit `max_queued_messages` or `max_queued_bytes`.
     pub dropped_queue_full: AtomicU64,
     /// QoS 0 messages not queued for an offline session (`queue_qos0_offline = false`).
@@ -38,6 +42,11 @@ impl Stats {
     /// Add one to a counter.
     pub fn incr(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Add `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Read a counter.

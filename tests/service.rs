@@ -270,7 +270,10 @@ fn metrics_counters_move_when_messages_flow() {
     assert_eq!(status, 401);
     let (status, before) = http(admin, "GET", "/metrics", Some("s3cret"));
     assert_eq!(status, 200, "{before}");
-    assert_eq!(sample(&before, "tether_messages_received_total"), 0);
+    assert_eq!(
+        sample(&before, "tether_messages_received_total{qos=\"1\"}"),
+        0
+    );
 
     let sub = sub_spawn(
         broker.port,
@@ -284,11 +287,26 @@ fn metrics_counters_move_when_messages_flow() {
 
     let (_, after) = http(admin, "GET", "/metrics", Some("s3cret"));
     assert_eq!(
-        sample(&after, "tether_messages_received_total"),
+        sample(&after, "tether_messages_received_total{qos=\"1\"}"),
         3,
         "{after}"
     );
-    assert_eq!(sample(&after, "tether_messages_sent_total"), 3, "{after}");
+    assert_eq!(
+        sample(&after, "tether_messages_sent_total{qos=\"1\"}"),
+        3,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "tether_messages_sent_total{qos=\"0\"}"),
+        0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, "tether_bytes_received_total")
+            > sample(&before, "tether_bytes_received_total"),
+        "{after}"
+    );
+    assert!(sample(&after, "tether_bytes_sent_total") > 0, "{after}");
     assert_eq!(
         sample(&after, "tether_sessions{state=\"online\"}"),
         1,
