@@ -368,7 +368,7 @@ async fn main_loop(
     // A zero keep-alive disables the timer; the sleep is then never polled.
     let sleep = tokio::time::sleep(keep_alive.unwrap_or(Duration::from_secs(3600)));
     tokio::pin!(sleep);
-    let (mut rd, mut wr) = stream.split();
+    let (rd, mut wr) = stream.split();
 
     loop {
         // Handle every complete packet buffered, but stop while the write buffer is over its
@@ -397,7 +397,11 @@ async fn main_loop(
         // Back-pressure: while a subscriber queue this client published into is congested,
         // read nothing more from it (up to BACKPRESSURE_MAX_WAIT per wait).
         let blocked = std::mem::take(&mut conn.blocked);
-        inbuf.reserve(READ_CHUNK.min(max_packet));
+        // An idle connection holds no read buffer: it waits for readiness, and the buffer is
+        // allocated only to read (thousands of idle clients would otherwise keep 8 KiB each).
+        if inbuf.is_empty() && inbuf.capacity() > 0 {
+            *inbuf = BytesMut::new();
+        }
         tokio::select! {
             biased;
             _ = shutdown.recv() => return Exit::Shutdown,
@@ -413,10 +417,17 @@ async fn main_loop(
                 Ok(_) => {}
                 Err(e) => return Exit::Io(e),
             },
-            r = rd.read_buf(inbuf), if room && blocked.is_empty() => match r {
-                Ok(0) => return Exit::PeerClosed,
-                Ok(_) => {}
-                Err(e) => return Exit::Io(e),
+            r = rd.as_ref().readable(), if room && blocked.is_empty() => {
+                if let Err(e) = r {
+                    return Exit::Io(e);
+                }
+                inbuf.reserve(READ_CHUNK.min(max_packet));
+                match rd.as_ref().try_read_buf(inbuf) {
+                    Ok(0) => return Exit::PeerClosed,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Exit::Io(e),
+                }
             },
             _ = session.mailbox.notified(), if room => {}
             _ = drained(&blocked), if !blocked.is_empty() => continue,

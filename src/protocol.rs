@@ -156,7 +156,8 @@ impl Conn {
                 .properties
                 .maximum_packet_size
                 .and_then(|m| usize::try_from(m).ok()),
-            out: BytesMut::with_capacity(4096),
+            // Grows to what the connection needs; idle connections keep it small.
+            out: BytesMut::new(),
             connect_expiry: 0,
             problem_info: c.properties.request_problem_information != Some(0),
             blocked: Vec::new(),
