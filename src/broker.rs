@@ -103,11 +103,17 @@ impl Broker {
     /// Publish an application message: update the retained store if it is retained, then queue
     /// it for every matching session. Returns the number of sessions it was queued for.
     pub fn publish(&self, msg: Message) -> usize {
+        self.publish_into(msg, None)
+    }
+
+    /// `publish`, also collecting the queues it left congested (back-pressure, see
+    /// `Mailbox::congested`): the publishing connection waits for them before reading more.
+    pub fn publish_into(&self, msg: Message, congested: Option<&mut Vec<Arc<Mailbox>>>) -> usize {
         let msg = Arc::new(msg);
         if msg.retain {
             self.retained.set(&msg, &self.stats);
         }
-        self.router.route(&msg, &self.stats)
+        self.router.route_into(&msg, &self.stats, congested)
     }
 
     /// Publish a will message on behalf of `client_id`.

@@ -16,6 +16,7 @@ use tracing::{debug, field, info, info_span, warn, Instrument};
 use crate::broker::Broker;
 use crate::codec::{self, DecodeError};
 use crate::inspect::SessionInfo;
+use crate::mailbox::Mailbox;
 use crate::packet::{
     ConnAck, ConnAckProperties, Connect, Disconnect, Packet, ProtocolVersion, ReasonCode,
 };
@@ -395,13 +396,13 @@ async fn main_loop(
     // A zero keep-alive disables the timer; the sleep is then never polled.
     let sleep = tokio::time::sleep(keep_alive.unwrap_or(Duration::from_secs(3600)));
     tokio::pin!(sleep);
-    let (mut rd, mut wr) = stream.split();
+    let (rd, mut wr) = stream.split();
 
     loop {
         // Handle every complete packet buffered, but stop while the write buffer is over its
         // limit: what is left is handled once the client reads.
         let mut got_packet = false;
-        while conn.out.len() < max_write {
+        while conn.out.len() < max_write && conn.blocked.is_empty() {
             match codec::decode(inbuf, Some(conn.protocol), max_packet) {
                 Ok(Some(p)) => {
                     got_packet = true;
@@ -421,7 +422,14 @@ async fn main_loop(
         conn.pump(session, Instant::now());
 
         let room = conn.out.len() < max_write;
-        inbuf.reserve(READ_CHUNK.min(max_packet));
+        // Back-pressure: while a subscriber queue this client published into is congested,
+        // read nothing more from it (up to BACKPRESSURE_MAX_WAIT per wait).
+        let blocked = std::mem::take(&mut conn.blocked);
+        // An idle connection holds no read buffer: it waits for readiness, and the buffer is
+        // allocated only to read (thousands of idle clients would otherwise keep 8 KiB each).
+        if inbuf.is_empty() && inbuf.capacity() > 0 {
+            *inbuf = BytesMut::new();
+        }
         tokio::select! {
             biased;
             _ = shutdown.recv() => return Exit::Shutdown,
@@ -440,15 +448,39 @@ async fn main_loop(
                 Ok(n) => Stats::add(&conn.broker.stats.bytes_sent, n),
                 Err(e) => return Exit::Io(e),
             },
-            r = rd.read_buf(inbuf), if room => match r {
-                Ok(0) => return Exit::PeerClosed,
-                Ok(n) => Stats::add(&conn.broker.stats.bytes_received, n),
-                Err(e) => return Exit::Io(e),
+            r = rd.as_ref().readable(), if room && blocked.is_empty() => {
+                if let Err(e) = r {
+                    return Exit::Io(e);
+                }
+                inbuf.reserve(READ_CHUNK.min(max_packet));
+                match rd.as_ref().try_read_buf(inbuf) {
+                    Ok(0) => return Exit::PeerClosed,
+                    Ok(n) => Stats::add(&conn.broker.stats.bytes_received, n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Exit::Io(e),
+                }
             },
             _ = session.mailbox.notified(), if room => {}
-            _ = &mut sleep, if keep_alive.is_some() => return Exit::KeepAliveTimeout,
+            _ = drained(&blocked), if !blocked.is_empty() => continue,
+            _ = &mut sleep, if keep_alive.is_some() && blocked.is_empty() => return Exit::KeepAliveTimeout,
         }
+        conn.blocked = blocked;
+        conn.blocked.retain(|m| m.congested());
     }
+}
+
+/// Longest a publisher is held back by one congested subscriber queue; after that it goes on
+/// and the queue's limit and overflow policy apply (a stuck subscriber cannot stall it).
+const BACKPRESSURE_MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// Resolves when every queue in `blocked` has drained, or after `BACKPRESSURE_MAX_WAIT`.
+async fn drained(blocked: &[Arc<Mailbox>]) {
+    let _ = timeout(BACKPRESSURE_MAX_WAIT, async {
+        for m in blocked {
+            m.drained().await;
+        }
+    })
+    .await;
 }
 
 /// The end of a connection: final DISCONNECT (v5), the will, and the session parked, ended

@@ -75,6 +75,9 @@ pub struct Mailbox {
     /// Wakes the attached connection task; `notify_one` keeps a permit when it is busy, so a
     /// push between two polls is never missed.
     notify: Notify,
+    /// Wakes publishers held back by this queue's back-pressure (`congested`) once it has
+    /// drained below half its limits, or gone offline, or closed.
+    space: Notify,
     limits: QueueLimits,
 }
 
@@ -84,6 +87,7 @@ impl Mailbox {
         Mailbox {
             inner: Mutex::new(Inner::default()),
             notify: Notify::new(),
+            space: Notify::new(),
             limits,
         }
     }
@@ -153,6 +157,7 @@ impl Mailbox {
         let mut q = self.lock();
         let d = q.queue.pop_front()?;
         q.bytes -= d.size();
+        self.wake_if_drained(q, d.size());
         Some(d)
     }
 
@@ -166,7 +171,45 @@ impl Mailbox {
         }
         let d = q.queue.pop_front()?;
         q.bytes -= d.size();
+        self.wake_if_drained(q, d.size());
         Some(d)
+    }
+
+    /// Back-pressure: is this queue at least half full (messages or bytes) while a connection
+    /// drains it? A publisher that just queued into such a queue stops reading until it
+    /// drains (`drained`), so a slow subscriber slows its publishers instead of losing their
+    /// messages at the limit. Offline and closed queues never hold anyone back.
+    pub fn congested(&self) -> bool {
+        let q = self.lock();
+        q.online && !q.closed && self.over_half(q.queue.len(), q.bytes)
+    }
+
+    fn over_half(&self, len: usize, bytes: usize) -> bool {
+        len >= self.limits.max_messages.div_ceil(2) || bytes >= self.limits.max_bytes.div_ceil(2)
+    }
+
+    /// After a pop of `size` bytes: wake held-back publishers when that crossed below half.
+    fn wake_if_drained(&self, q: MutexGuard<'_, Inner>, size: usize) {
+        let crossed = self.over_half(q.queue.len() + 1, q.bytes + size)
+            && !self.over_half(q.queue.len(), q.bytes);
+        drop(q);
+        if crossed {
+            self.space.notify_waiters();
+        }
+    }
+
+    /// Resolves once the queue is no longer `congested`.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a drain in between is not missed.
+            notified.as_mut().enable();
+            if !self.congested() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Could this queue take a message right now without dropping anything, with a
@@ -179,6 +222,9 @@ impl Mailbox {
     /// Mark the session attached to a connection (queue QoS 0) or not.
     pub fn set_online(&self, online: bool) {
         self.lock().online = online;
+        if !online {
+            self.space.notify_waiters();
+        }
     }
 
     /// The session has ended: drop everything and refuse further pushes, so a publisher that
@@ -188,6 +234,8 @@ impl Mailbox {
         q.closed = true;
         q.queue.clear();
         q.bytes = 0;
+        drop(q);
+        self.space.notify_waiters();
     }
 
     /// Messages queued now.
@@ -328,6 +376,30 @@ mod tests {
             mb.push(delivery(QoS::AtMostOnce, b"a"), &stats),
             Pushed::Queued
         );
+    }
+
+    #[tokio::test]
+    async fn congestion_at_half_and_drained_wakes() {
+        let stats = Stats::default();
+        let mb = Arc::new(Mailbox::new(limits(4, 100, OverflowPolicy::DropNew)));
+        mb.push(delivery(QoS::AtLeastOnce, b"a"), &stats);
+        mb.push(delivery(QoS::AtLeastOnce, b"b"), &stats);
+        // Offline queues never hold publishers back.
+        assert!(!mb.congested());
+        mb.set_online(true);
+        assert!(mb.congested());
+        let waiter = tokio::spawn({
+            let mb = mb.clone();
+            async move { mb.drained().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        mb.pop();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken when below half")
+            .expect("joined");
+        assert!(!mb.congested());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tracing::debug;
 
 use crate::broker::Broker;
 use crate::codec::{self, DecodeError, EncodeError};
+use crate::mailbox::Mailbox;
 use crate::message::{Delivery, Message};
 use crate::packet::{
     Ack, Connect, Packet, ProtocolVersion, Publish, QoS, ReasonCode, RetainHandling, SubAck,
@@ -123,6 +124,9 @@ pub struct Conn {
     pub connect_expiry: u32,
     /// The client asked for reason strings (v5 Request Problem Information, default 1).
     pub problem_info: bool,
+    /// Back-pressure: subscriber queues the last PUBLISH left congested. While any is, the
+    /// connection reads nothing more from its client (see `connection::main_loop`).
+    pub blocked: Vec<Arc<Mailbox>>,
     /// Inbound topic aliases (v5): alias -> topic; at most `listener.topic_alias_maximum`.
     aliases_in: HashMap<u16, String>,
     /// Outbound topic aliases (v5): topic -> alias; at most the client's Topic Alias Maximum.
@@ -152,9 +156,11 @@ impl Conn {
                 .properties
                 .maximum_packet_size
                 .and_then(|m| usize::try_from(m).ok()),
-            out: BytesMut::with_capacity(4096),
+            // Grows to what the connection needs; idle connections keep it small.
+            out: BytesMut::new(),
             connect_expiry: 0,
             problem_info: c.properties.request_problem_information != Some(0),
+            blocked: Vec::new(),
             aliases_in: HashMap::new(),
             aliases_out: HashMap::new(),
             alias_out_max: if broker.config.listener.outbound_topic_aliases {
@@ -400,15 +406,18 @@ impl Conn {
             .message_expiry_interval
             .map(|secs| now + Duration::from_secs(u64::from(secs)));
         let qos = p.qos;
-        self.broker.publish(Message {
-            topic: p.topic,
-            payload: p.payload,
-            qos,
-            retain: p.retain,
-            properties,
-            expires_at,
-            publisher: Some(self.client_id.clone()),
-        });
+        self.broker.publish_into(
+            Message {
+                topic: p.topic,
+                payload: p.payload,
+                qos,
+                retain: p.retain,
+                properties,
+                expires_at,
+                publisher: Some(self.client_id.clone()),
+            },
+            Some(&mut self.blocked),
+        );
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {

@@ -180,6 +180,17 @@ impl Router {
     /// subscriptions gets one copy at the highest granted QoS, carrying every Subscription
     /// Identifier [MQTT-3.3.5-1]. Returns the number of sessions it was queued for.
     pub fn route(&self, msg: &Arc<Message>, stats: &Stats) -> usize {
+        self.route_into(msg, stats, None)
+    }
+
+    /// `route`, also collecting into `congested` the queues this message left `congested`
+    /// (back-pressure for the publisher, see `Mailbox::congested`).
+    pub fn route_into(
+        &self,
+        msg: &Arc<Message>,
+        stats: &Stats,
+        mut congested: Option<&mut Vec<Arc<Mailbox>>>,
+    ) -> usize {
         let mut targets: Vec<(Arc<Mailbox>, Subscription)> = Vec::new();
         let mut shared: Vec<Arc<SharedGroup>> = Vec::new();
         self.index
@@ -210,6 +221,11 @@ impl Router {
                     Pushed::Closed => continue,
                     pushed => {
                         queued += usize::from(queued_ok(pushed));
+                        if let Some(c) = congested.as_deref_mut() {
+                            if e.mailbox.congested() {
+                                c.push(e.mailbox.clone());
+                            }
+                        }
                         break;
                     }
                 }
@@ -234,6 +250,11 @@ impl Router {
             }
             let pushed = deliver(mailbox, msg, qos, retain_as_published, ids, stats);
             queued += usize::from(queued_ok(pushed));
+            if let Some(c) = congested.as_deref_mut() {
+                if mailbox.congested() {
+                    c.push(mailbox.clone());
+                }
+            }
             i = j;
         }
         queued

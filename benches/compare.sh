@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Runs the same load scenarios against tether and Mosquitto, back to back, and prints the
+# ratios (tether / Mosquitto). Both brokers are started by hand on loopback ports, a fresh
+# process for every run, and stopped by pid afterwards; nothing is installed or left running.
+#
+#   benches/compare.sh                 # everything, median of 3 runs (~10 minutes)
+#   REPEAT=1 benches/compare.sh        # one run each (~4 minutes)
+#   ONLY="fan-in latency" benches/compare.sh
+#
+# Environment: REPEAT (3), DURATION (seconds of publishing per throughput run, 2),
+# CLIENTS (idle connections, 10000), SESSIONS (1000), PER_SESSION (10), ONLY (groups among
+# fan-in pairs fan-out latency cpu connections sessions), OUT (raw RESULT lines,
+# target/compare/results.txt). Needs /usr/sbin/mosquitto (Mosquitto 2.0).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REPEAT=${REPEAT:-3}
+DURATION=${DURATION:-2}
+CLIENTS=${CLIENTS:-10000}
+SESSIONS=${SESSIONS:-1000}
+PER_SESSION=${PER_SESSION:-10}
+ONLY=${ONLY:-"fan-in pairs fan-out latency cpu connections sessions"}
+OUT=${OUT:-target/compare/results.txt}
+MOSQUITTO=${MOSQUITTO:-/usr/sbin/mosquitto}
+TETHER_ADDR=127.0.0.1:18884
+MOSQ_ADDR=127.0.0.1:18883 # must match benches/mosquitto.conf
+
+# 10,000 connections need more descriptors than the usual 1024, in the brokers and here.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((CLIENTS + 100)) ]; then
+  echo "compare: ulimit -n is $(ulimit -n), below $CLIENTS connections" >&2
+  exit 1
+fi
+
+echo "== building (release)" >&2
+cargo build --release --quiet
+LOAD=$(cargo bench --bench load --no-run 2>&1 | sed -n 's/.*(\(target\/release\/deps\/load-[0-9a-f]*\)).*/\1/p' | tail -1)
+[ -x "$LOAD" ] || { echo "compare: load generator not found" >&2; exit 1; }
+mkdir -p "$(dirname "$OUT")"
+: >"$OUT"
+LOGDIR=$(dirname "$OUT")
+
+BROKER_PID=
+start_broker() { # tether | mosquitto
+  if [ "$1" = tether ]; then
+    # Log level warn: Mosquitto is configured to log only warnings and errors too.
+    TETHER_LOG__LEVEL=warn target/release/tether -b "$TETHER_ADDR" >>"$LOGDIR/tether.log" 2>&1 &
+    BROKER_PID=$!
+    PORT=${TETHER_ADDR##*:}
+  else
+    "$MOSQUITTO" -c benches/mosquitto.conf >>"$LOGDIR/mosquitto.log" 2>&1 &
+    BROKER_PID=$!
+    PORT=${MOSQ_ADDR##*:}
+  fi
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "compare: $1 did not start" >&2
+  stop_broker
+  exit 1
+}
+
+stop_broker() {
+  if [ -n "$BROKER_PID" ]; then
+    kill -TERM "$BROKER_PID" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$BROKER_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$BROKER_PID" 2>/dev/null || true
+    wait "$BROKER_PID" 2>/dev/null || true
+    BROKER_PID=
+  fi
+}
+trap stop_broker EXIT
+
+# value KEY LINE: the value of KEY=... in a RESULT line.
+value() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$2"; }
+
+# run NAME KEY ARGS...: REPEAT runs per broker (fresh broker each); keeps the run with the
+# median KEY as RES_tether / RES_mosquitto.
+run() {
+  local name=$1 key=$2
+  shift 2
+  for b in tether mosquitto; do
+    local addr=$TETHER_ADDR
+    [ $b = mosquitto ] && addr=$MOSQ_ADDR
+    local lines=()
+    for _ in $(seq "$REPEAT"); do
+      start_broker $b
+      local line
+      line=$("$LOAD" --bench "$@" --addr "$addr" --pid "$BROKER_PID" --label "$b" 2>>"$LOGDIR/load-stderr.log" | grep '^RESULT' || true)
+      stop_broker
+      [ -n "$line" ] || line="RESULT label=$b failed=1"
+      echo "$name $line" >>"$OUT"
+      lines+=("$line")
+    done
+    local med
+    med=$(for l in "${lines[@]}"; do echo "$(value "$key" "$l" | sed 's/^$/0/') $l"; done | sort -g | sed -n "$(((${#lines[@]} + 1) / 2))p" | cut -d' ' -f2-)
+    printf -v "RES_$b" '%s' "$med"
+  done
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0 && a != "") printf "%.2f", a / b; else printf "-" }'; }
+# Lower is better (latency, time): Mosquitto / tether.
+inv_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b != "") printf "%.2f", b / a; else printf "-" }'; }
+acc() { echo "$(value lost "$1")/$(value dup "$1")/$(value reordered "$1")"; }
+
+echo "== $(date -u +%FT%TZ) $(nproc) cores, load average: $(cut -d' ' -f1-3 /proc/loadavg), repeat $REPEAT" | tee -a "$OUT"
+printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' scenario tether mosquitto ratio goal "t lost/dup/ord" "m lost/dup/ord"
+
+throughput() { # group scenario-args goal
+  local group=$1 args=$2 goal=$3
+  for proto in 3 5; do
+    for qos in 0 1 2; do
+      # shellcheck disable=SC2086
+      run "$group" msgs_per_s $args --proto $proto --qos $qos --duration "$DURATION"
+      printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' "$group v$proto q$qos msg/s" \
+        "$(value msgs_per_s "$RES_tether")" "$(value msgs_per_s "$RES_mosquitto")" \
+        "$(ratio "$(value msgs_per_s "$RES_tether")" "$(value msgs_per_s "$RES_mosquitto")")" \
+        ">=$goal" "$(acc "$RES_tether")" "$(acc "$RES_mosquitto")"
+    done
+  done
+}
+
+for group in $ONLY; do
+  case $group in
+  fan-in) throughput fan-in "fan-in --publishers 8" 3 ;;
+  pairs) throughput pairs "pairs --publishers 16" 3 ;;
+  fan-out) throughput fan-out "fan-out --subscribers 50" 8 ;;
+  latency)
+    for proto in 3 5; do
+      for qos in 0 1; do
+        run latency p99_us latency --rate 5000 --duration 4 --proto $proto --qos $qos
+        for q in p50_us p99_us p999_us; do
+          printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' "latency v$proto q$qos $q" \
+            "$(value $q "$RES_tether")" "$(value $q "$RES_mosquitto")" \
+            "$(inv_ratio "$(value $q "$RES_tether")" "$(value $q "$RES_mosquitto")")" \
+            "$([ $q = p99_us ] && echo '>=1' || echo '')" "$(acc "$RES_tether")" "$(acc "$RES_mosquitto")"
+        done
+      done
+    done
+    ;;
+  cpu)
+    run cpu msgs_per_cpu_s fan-in --publishers 8 --qos 1 --rate 20000 --duration 5
+    printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' "cpu fan-in q1 20k msg/cpu-s" \
+      "$(value msgs_per_cpu_s "$RES_tether")" "$(value msgs_per_cpu_s "$RES_mosquitto")" \
+      "$(ratio "$(value msgs_per_cpu_s "$RES_tether")" "$(value msgs_per_cpu_s "$RES_mosquitto")")" \
+      ">=1" "$(acc "$RES_tether")" "$(acc "$RES_mosquitto")"
+    ;;
+  connections)
+    run connections rss_per_conn_b connections --clients "$CLIENTS" --qos 1
+    printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' "connections RSS B/conn" \
+      "$(value rss_per_conn_b "$RES_tether")" "$(value rss_per_conn_b "$RES_mosquitto")" \
+      "$(ratio "$(value rss_per_conn_b "$RES_tether")" "$(value rss_per_conn_b "$RES_mosquitto")")" \
+      "<=2048" "$(value connected "$RES_tether") conn" "$(value connected "$RES_mosquitto") conn"
+    printf '%-26s %12s %12s %7s %6s\n' "connections accept s" \
+      "$(value secs "$RES_tether")" "$(value secs "$RES_mosquitto")" \
+      "$(inv_ratio "$(value secs "$RES_tether")" "$(value secs "$RES_mosquitto")")" ">=1"
+    ;;
+  sessions)
+    run sessions secs sessions --clients "$SESSIONS" --count "$PER_SESSION" --qos 1
+    printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' "sessions drain s" \
+      "$(value secs "$RES_tether")" "$(value secs "$RES_mosquitto")" \
+      "$(inv_ratio "$(value secs "$RES_tether")" "$(value secs "$RES_mosquitto")")" \
+      ">=1" "$(acc "$RES_tether")" "$(acc "$RES_mosquitto")"
+    ;;
+  *) echo "compare: unknown group $group" >&2 ;;
+  esac
+done
+echo "(ratios: tether / Mosquitto for msg/s, RSS and CPU efficiency; Mosquitto / tether for latency and times, so >= 1 means tether is at least as good; raw lines in $OUT)"
