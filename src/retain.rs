@@ -2,11 +2,14 @@
 
 use std::sync::Arc;
 
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tokio::time::Instant;
 
 use crate::message::Message;
 use crate::stats::Stats;
+use crate::store::record::Record;
+use crate::store::Store;
 use crate::topic;
 
 /// The retained-message store. Owned by the `Broker`; sharded so retained publishes on
@@ -31,15 +34,38 @@ impl RetainStore {
     /// Store, replace, or (empty payload) delete the retained message of `msg.topic`
     /// [MQTT-3.3.1-5, 3.3.1-10, 3.3.1-11].
     pub fn set(&self, msg: &Arc<Message>, stats: &Stats) {
+        self.set_logged(msg, stats, None);
+    }
+
+    /// `set`, writing the change to `store` (when given) under the topic's shard lock, so two
+    /// racing retained publishes reach the store in the order they reached memory.
+    pub fn set_logged(&self, msg: &Arc<Message>, stats: &Stats, store: Option<&Store>) {
         if msg.payload.is_empty() {
-            self.messages.remove(&msg.topic);
+            if let Some((topic, _)) = self.messages.remove(&msg.topic) {
+                if let Some(store) = store {
+                    store.append(&Record::RetainDel(topic), true);
+                }
+            }
             return;
         }
         if self.messages.len() >= self.max_messages && !self.messages.contains_key(&msg.topic) {
             Stats::incr(&stats.dropped_retained_full);
             return;
         }
-        self.messages.insert(msg.topic.clone(), msg.clone());
+        match self.messages.entry(msg.topic.clone()) {
+            Entry::Occupied(mut o) => {
+                o.insert(msg.clone());
+                if let Some(store) = store {
+                    store.append(&Record::RetainSet(msg.clone()), true);
+                }
+            }
+            Entry::Vacant(v) => {
+                v.insert(msg.clone());
+                if let Some(store) = store {
+                    store.append(&Record::RetainSet(msg.clone()), true);
+                }
+            }
+        }
     }
 
     /// Retained messages whose topic matches `filter` and which have not expired.
