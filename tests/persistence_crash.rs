@@ -8,7 +8,6 @@
 //! publishing goes on); it is restarted on the same directory, the subscribers reconnect:
 //! every acknowledged message arrives, QoS 2 ones exactly once. Several kill points.
 mod bin_support;
-#[allow(dead_code)]
 mod common;
 
 use std::collections::{HashMap, HashSet};
