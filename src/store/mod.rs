@@ -107,6 +107,8 @@ pub struct Durable {
 thread_local! {
     /// Highest LSN appended with `sync = true` by this thread since the last `take_sync_mark`.
     static SYNC_MARK: Cell<u64> = const { Cell::new(0) };
+    /// Where `Store::append` encodes a record before copying it into the shared buffer.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The highest LSN this thread appended with `sync = true` since the last call (0 if none):
@@ -419,12 +421,20 @@ impl Store {
     /// Queue a record for the writer; returns its LSN. With `sync`, the calling thread's sync
     /// mark is raised to it (see `take_sync_mark`).
     pub fn append(&self, rec: &Record, sync: bool) -> u64 {
-        let mut frame = Vec::with_capacity(64);
-        record::encode_frame(rec, &mut frame);
+        // Encoded outside the lock into a per-thread buffer: no allocation per record, and
+        // the lock is held only for a copy.
+        SCRATCH.with_borrow_mut(|frame| {
+            frame.clear();
+            record::encode_frame(rec, frame);
+            self.push_frame(frame, sync)
+        })
+    }
+
+    fn push_frame(&self, frame: &[u8], sync: bool) -> u64 {
         let lsn = {
             let mut p = self.shared.lock();
             let was_empty = p.buf.is_empty();
-            p.buf.extend_from_slice(&frame);
+            p.buf.extend_from_slice(frame);
             p.lsn += 1;
             if was_empty {
                 // The writer sleeps only when it has nothing: one wake-up per batch.
