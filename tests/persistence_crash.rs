@@ -6,7 +6,8 @@
 //! publisher pipelines thousands of alternating QoS 1 / QoS 2 messages and records every
 //! acknowledgement; the broker is SIGKILLed at a random number of acknowledgements (while
 //! publishing goes on); it is restarted on the same directory, the subscribers reconnect:
-//! every acknowledged message arrives, QoS 2 ones exactly once. Several kill points.
+//! every acknowledged message arrives, QoS 2 ones exactly once. Several kill points. Segments
+//! are small (64 KiB), so compaction runs while publishing and recovery starts from snapshots.
 mod bin_support;
 mod common;
 
@@ -33,7 +34,8 @@ const QUIET: Duration = Duration::from_millis(1500);
 fn config() -> TempFile {
     TempFile::new(
         "crash",
-        "[session]\nmax_queued_messages = 1000000\nmax_queued_bytes = 1000000000\nmax_inbound_inflight = 1000\n",
+        "[session]\nmax_queued_messages = 1000000\nmax_queued_bytes = 1000000000\nmax_inbound_inflight = 1000\n\
+         [persistence]\nsegment_bytes = 65536\n",
     )
 }
 
@@ -252,6 +254,14 @@ fn round(kill_at: usize) {
     );
     let st = first.proc.kill();
     assert!(!st.success(), "killed, not exited: {st:?}");
+    if acked.len() > 2000 {
+        // 64 KiB segments: recovery below starts from a compaction snapshot.
+        assert!(
+            first.log().contains("store compacted"),
+            "no compaction ran\n{}",
+            first.log()
+        );
+    }
     let qos2 = acked.values().filter(|q| **q == QoS::ExactlyOnce).count();
     eprintln!(
         "kill at {kill_at}: {} acknowledged ({} QoS 2)",
