@@ -16,6 +16,7 @@ use crate::router::Router;
 use crate::session::Session;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
+use crate::store::Store;
 
 /// Everything the connection tasks share. Built once by `server::run`, then handed to each
 /// task as `Arc<Broker>`; dropped when the last task ends.
@@ -37,6 +38,8 @@ pub struct Broker {
     pub retained: RetainStore,
     /// Counters.
     pub stats: Stats,
+    /// The durable store, when persistence is on; `None` keeps everything in memory.
+    pub store: Option<Arc<Store>>,
     /// Source of server-assigned Client IDs: a counter hashed with this process's random
     /// SipHash keys, so assigned IDs are unique and cannot be guessed to hijack a session.
     assigned_ids: (
@@ -46,9 +49,16 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// A broker with nothing in it.
+    /// A broker with nothing in it, keeping everything in memory.
     pub fn new(config: Arc<Config>) -> Arc<Broker> {
+        Broker::with_store(config, None)
+    }
+
+    /// A broker writing durable sessions and retained messages to `store` (see
+    /// `store::recovery::restore` to load what the store holds first).
+    pub fn with_store(config: Arc<Config>, store: Option<Arc<Store>>) -> Arc<Broker> {
         Arc::new(Broker {
+            store,
             retained: RetainStore::new(config.retain.max_messages, config.retain.max_bytes),
             live: RwLock::new(config.clone()),
             started: std::time::Instant::now(),
@@ -111,7 +121,8 @@ impl Broker {
     pub fn publish_into(&self, msg: Message, congested: Option<&mut Vec<Arc<Mailbox>>>) -> usize {
         let msg = Arc::new(msg);
         if msg.retain {
-            self.retained.set(&msg, &self.stats);
+            self.retained
+                .set_logged(&msg, &self.stats, self.store.as_deref());
         }
         self.router.route_into(&msg, &self.stats, congested)
     }
@@ -141,6 +152,9 @@ impl Broker {
     pub fn end_session(&self, mut session: Box<Session>) {
         if let Some(will) = session.pending_will.take() {
             self.publish_will(&session.client_id, will, Instant::now());
+        }
+        if let Some(log) = session.log.take() {
+            log.end();
         }
         for filter in session.subscriptions.keys() {
             self.router

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Directory for persistent state. Accepted and stored for the persistence feature to come;
-    /// nothing is written there yet except a startup probe that it is writable.
+    /// Directory for persistent state (`[persistence]`); unset = `tether-data` in the working
+    /// directory.
     pub data_dir: Option<PathBuf>,
     /// Seconds between publications of the `$SYS/broker/...` topics; 0 = not published.
     pub sys_interval_secs: u64,
@@ -34,6 +34,38 @@ pub struct Config {
     pub log: LogConfig,
     /// The HTTP admin listener: Prometheus metrics and the session API.
     pub admin: AdminConfig,
+    /// Durable sessions and retained messages in `data_dir`.
+    pub persistence: PersistenceConfig,
+}
+
+/// Where `data_dir` points when it is not set: beside the working directory.
+pub const DEFAULT_DATA_DIR: &str = "tether-data";
+
+/// `[persistence]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PersistenceConfig {
+    /// Store persistent sessions, their queues and in-flight messages, and retained messages
+    /// in `data_dir`, and acknowledge QoS 1/2 messages only once stored. false = in memory.
+    pub enabled: bool,
+    /// When the log is fsynced: `always` (before every acknowledgement, shared by all
+    /// messages of a group commit), `interval` (every `fsync_interval_ms`) or `never`.
+    pub fsync: crate::store::FsyncPolicy,
+    /// Period of `fsync = "interval"`, in milliseconds.
+    pub fsync_interval_ms: u64,
+    /// Size at which a log segment is closed and becomes eligible for compaction, in bytes.
+    pub segment_bytes: u64,
+}
+
+impl Default for PersistenceConfig {
+    fn default() -> Self {
+        PersistenceConfig {
+            enabled: true,
+            fsync: crate::store::FsyncPolicy::Always,
+            fsync_interval_ms: 100,
+            segment_bytes: 64 * 1024 * 1024,
+        }
+    }
 }
 
 /// `[[listeners]]`: an MQTT listener besides `[listener]`. Packet, keep-alive and buffer limits
@@ -481,6 +513,12 @@ impl Config {
                 "expected one of error, warn, info, debug, trace",
             );
         }
+        if self.persistence.fsync_interval_ms == 0 {
+            return bad("persistence.fsync_interval_ms", "must be at least 1");
+        }
+        if self.persistence.segment_bytes < 4096 {
+            return bad("persistence.segment_bytes", "must be at least 4096");
+        }
         if let Some(dir) = &self.data_dir {
             if dir.as_os_str().is_empty() {
                 return bad("data_dir", "must not be empty (leave it out instead)");
@@ -514,6 +552,23 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The directory of the store: `data_dir`, or `tether-data` in the working directory.
+    pub fn data_dir_or_default(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+    }
+
+    /// How the store is opened, from `data_dir` and `[persistence]`.
+    pub fn store_config(&self) -> crate::store::StoreConfig {
+        crate::store::StoreConfig {
+            dir: self.data_dir_or_default(),
+            fsync: self.persistence.fsync,
+            fsync_interval: Duration::from_millis(self.persistence.fsync_interval_ms),
+            segment_bytes: self.persistence.segment_bytes,
+        }
     }
 
     /// The CONNECT deadline.

@@ -2,14 +2,15 @@
 //! writes, the session's mailbox, keep-alive, takeover requests and shutdown, then an orderly
 //! end (will, parking or hand-over). Packet handling itself lives in `protocol`.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, field, info, info_span, warn, Instrument};
 
@@ -18,13 +19,16 @@ use crate::codec::{self, DecodeError};
 use crate::inspect::SessionInfo;
 use crate::mailbox::Mailbox;
 use crate::packet::{
-    ConnAck, ConnAckProperties, Connect, Disconnect, Packet, ProtocolVersion, ReasonCode,
+    Ack, ConnAck, ConnAckProperties, Connect, Disconnect, Packet, ProtocolVersion, QoS, ReasonCode,
 };
 use crate::protocol::{Conn, Exit};
 use crate::registry::{Claim, Control, Parked};
 use crate::session::{Session, EXPIRY_NEVER};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
+use crate::store::record;
+use crate::store::recovery::session_meta;
+use crate::store::{Durable, SessionLog, Store};
 use crate::topic;
 
 /// How long a closing connection may spend flushing its last bytes (a final DISCONNECT, acks).
@@ -182,6 +186,30 @@ async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown
     // A reconnect before the will delay passed cancels the delayed will [MQTT-3.1.3-9].
     session.pending_will = None;
     session.mailbox.set_online(true);
+    // Durable or not is decided here, for this connection's lifetime: a session that outlives
+    // its connection is written to the store (with the will, which a crash must publish).
+    crate::store::take_sync_mark();
+    if let Some(store) = &broker.store {
+        if expiry > 0 {
+            if session.log.is_none() {
+                let log = SessionLog::new(store.clone(), client_id.clone());
+                session.set_log(Some(Arc::new(log)), 1);
+            }
+            if let (Some(log), Some(meta)) = (
+                &session.log,
+                session_meta(&session, connect.will.as_ref(), None),
+            ) {
+                log.meta(meta);
+            }
+        } else if let Some(log) = session.log.take() {
+            // Resumed by a connection that ends it: it no longer needs the disk.
+            log.end();
+            session.set_log(None, 0);
+        }
+    }
+    let mut held = Held::new(broker);
+    // The CONNACK waits for the session record.
+    held.mark(0);
 
     info!(
         clean_start = connect.clean_start,
@@ -223,10 +251,79 @@ async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown
         &mut session,
         &mut control_rx,
         &mut shutdown,
+        &mut held,
     )
     .await;
 
-    finish(conn, stream, session, exit, control_rx).await;
+    finish(conn, stream, session, exit, control_rx, held).await;
+}
+
+/// Output held back until the store reports durable what it acknowledges: `marks` are
+/// (offset in `Conn::out` where held bytes start, LSN they wait for), in order. Bytes before
+/// the first unresolved mark may be written; everything after waits, so one connection's
+/// packets keep their order.
+struct Held {
+    marks: VecDeque<(usize, u64)>,
+    durable: Option<watch::Receiver<Durable>>,
+    store: Option<Arc<Store>>,
+}
+
+impl Held {
+    fn new(broker: &Broker) -> Held {
+        Held {
+            marks: VecDeque::new(),
+            durable: broker.store.as_ref().map(|s| s.durable()),
+            store: broker.store.clone(),
+        }
+    }
+
+    /// Bytes from `offset` on wait for what this thread appended with `sync` since the last
+    /// `take_sync_mark`.
+    fn mark(&mut self, offset: usize) {
+        let lsn = crate::store::take_sync_mark();
+        if lsn == 0 || self.durable.is_none() {
+            return;
+        }
+        if self.marks.back().is_some_and(|m| m.1 >= lsn) {
+            return;
+        }
+        self.marks.push_back((offset, lsn));
+    }
+
+    /// How many bytes of `out` (of `len`) may be written now.
+    fn writable(&mut self, len: usize) -> usize {
+        if let Some(rx) = &self.durable {
+            let durable = rx.borrow().lsn;
+            while self.marks.front().is_some_and(|m| m.1 <= durable) {
+                self.marks.pop_front();
+            }
+        }
+        self.marks.front().map_or(len, |m| m.0.min(len))
+    }
+
+    /// `n` bytes were written from the front of `out`.
+    fn wrote(&mut self, n: usize) {
+        for m in &mut self.marks {
+            m.0 = m.0.saturating_sub(n);
+        }
+    }
+
+    /// The LSN the first held byte waits for.
+    fn waiting_for(&self) -> Option<u64> {
+        self.marks.front().map(|m| m.1)
+    }
+
+    /// Resolves when the first held LSN is durable (true) or the store failed (false).
+    async fn wait(&mut self) -> bool {
+        match (self.waiting_for(), &mut self.durable) {
+            (Some(lsn), Some(rx)) => Store::wait_durable(rx, lsn).await,
+            _ => true,
+        }
+    }
+
+    fn store_failed(&self) -> bool {
+        self.store.as_ref().is_some_and(|s| s.is_failed())
+    }
 }
 
 /// Why no CONNECT could be read.
@@ -389,6 +486,7 @@ async fn main_loop(
     session: &mut Session,
     control_rx: &mut mpsc::Receiver<Control>,
     shutdown: &mut Shutdown,
+    held: &mut Held,
 ) -> Exit {
     let max_packet = conn.broker.config.listener.max_packet_size;
     let max_write = conn.broker.config.listener.max_write_buffer;
@@ -406,9 +504,41 @@ async fn main_loop(
             match codec::decode(inbuf, Some(conn.protocol), max_packet) {
                 Ok(Some(p)) => {
                     got_packet = true;
+                    if let Packet::Publish(publish) = &p {
+                        if publish.qos != QoS::AtMostOnce && held.store_failed() {
+                            // Never acknowledge what cannot be stored. v5 refuses the one
+                            // message; 3.1.1 has no negative acknowledgement.
+                            if !conn.protocol.is_v5() {
+                                return Exit::StoreFailed;
+                            }
+                            let ack = Ack {
+                                reason: ReasonCode::QUOTA_EXCEEDED,
+                                ..Ack::new(publish.packet_id)
+                            };
+                            conn.send(&if publish.qos == QoS::AtLeastOnce {
+                                Packet::PubAck(ack)
+                            } else {
+                                Packet::PubRec(ack)
+                            });
+                            continue;
+                        }
+                    }
+                    let changes_subscriptions =
+                        matches!(p, Packet::Subscribe(_) | Packet::Unsubscribe(_));
+                    let offset = conn.out.len();
+                    crate::store::take_sync_mark();
                     if let Err(exit) = conn.on_packet(session, p, Instant::now()) {
                         return exit;
                     }
+                    if changes_subscriptions {
+                        if let (Some(log), Some(meta)) = (
+                            &session.log,
+                            session_meta(session, conn.will.as_ref(), None),
+                        ) {
+                            log.meta(meta);
+                        }
+                    }
+                    held.mark(offset);
                 }
                 Ok(None) => break,
                 Err(e) => return Exit::Decode(e),
@@ -419,7 +549,10 @@ async fn main_loop(
                 sleep.as_mut().reset(Instant::now() + ka);
             }
         }
+        let offset = conn.out.len();
+        crate::store::take_sync_mark();
         conn.pump(session, Instant::now());
+        held.mark(offset);
 
         let room = conn.out.len() < max_write;
         // Back-pressure: while a subscriber queue this client published into is congested,
@@ -430,6 +563,9 @@ async fn main_loop(
         if inbuf.is_empty() && inbuf.capacity() > 0 {
             *inbuf = BytesMut::new();
         }
+        // Output behind an acknowledgement that is not durable yet stays in the buffer.
+        let writable = held.writable(conn.out.len());
+        let held_back = held.waiting_for().is_some();
         tokio::select! {
             biased;
             _ = shutdown.recv() => return Exit::Shutdown,
@@ -443,10 +579,17 @@ async fn main_loop(
                 }
                 Control::Kick => return Exit::Kicked,
             },
-            r = wr.write_buf(&mut conn.out), if !conn.out.is_empty() => match r {
+            r = wr.write(&conn.out[..writable]), if writable > 0 => match r {
                 Ok(0) => return Exit::PeerClosed,
-                Ok(n) => Stats::add(&conn.broker.stats.bytes_sent, n),
+                Ok(n) => {
+                    conn.out.advance(n);
+                    held.wrote(n);
+                    Stats::add(&conn.broker.stats.bytes_sent, n);
+                }
                 Err(e) => return Exit::Io(e),
+            },
+            ok = held.wait(), if held_back => if !ok {
+                return Exit::StoreFailed;
             },
             r = rd.as_ref().readable(), if room && blocked.is_empty() => {
                 if let Err(e) = r {
@@ -491,6 +634,7 @@ async fn finish(
     mut session: Box<Session>,
     exit: Exit,
     mut control_rx: mpsc::Receiver<Control>,
+    mut held: Held,
 ) {
     let broker = conn.broker.clone();
     let now = Instant::now();
@@ -506,6 +650,7 @@ async fn finish(
             Stats::incr(&broker.stats.protocol_errors);
             warn!(reason = %exit, "closing connection")
         }
+        Exit::StoreFailed => warn!(reason = %exit, "closing connection"),
     }
     if conn.protocol.is_v5() {
         if let Some(reason) = exit.server_reason() {
@@ -547,6 +692,21 @@ async fn finish(
                 // the session first (a takeover counts) [MQTT-3.1.3-9].
                 session.pending_will = Some(will);
             }
+        }
+    }
+
+    if !matches!(exit, Exit::TakenOver(_)) && session.expiry_interval > 0 {
+        // The disconnect time starts the expiry clock, also across a restart; the will
+        // still waiting for its delay goes with it.
+        if let (Some(log), Some(meta)) = (
+            &session.log,
+            session_meta(
+                &session,
+                session.pending_will.as_ref(),
+                Some(record::to_wall(now)),
+            ),
+        ) {
+            log.meta(meta);
         }
     }
 
@@ -595,8 +755,13 @@ async fn finish(
         }
     }
 
-    if !conn.out.is_empty() {
-        let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&conn.out)).await;
+    if held.waiting_for().is_some() {
+        // Acknowledgements still held are sent only once durable; not worth a long wait.
+        let _ = timeout(CLOSE_FLUSH_TIMEOUT, held.wait()).await;
+    }
+    let writable = held.writable(conn.out.len());
+    if writable > 0 {
+        let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&conn.out[..writable])).await;
     }
     let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.shutdown()).await;
 }

@@ -25,6 +25,7 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod stats;
+pub mod store;
 #[cfg(test)]
 mod testutil;
 pub mod topic;

@@ -19,6 +19,7 @@ use crate::config::{OverflowPolicy, SessionConfig};
 use crate::message::Delivery;
 use crate::packet::QoS;
 use crate::stats::Stats;
+use crate::store::SessionLog;
 
 /// The limits of one queue, copied from the configuration when the session is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +51,10 @@ struct Inner {
     bytes: usize,
     online: bool,
     closed: bool,
+    /// Durable session: QoS 1/2 messages are written to the store as they are queued.
+    log: Option<std::sync::Arc<SessionLog>>,
+    /// Next stored-queue number.
+    next_seq: u64,
 }
 
 /// What happened to a pushed delivery.
@@ -99,7 +104,7 @@ impl Mailbox {
     }
 
     /// Queue a delivery, applying the limits and counting what is dropped.
-    pub fn push(&self, d: Delivery, stats: &Stats) -> Pushed {
+    pub fn push(&self, mut d: Delivery, stats: &Stats) -> Pushed {
         let size = d.size();
         let outcome = {
             let mut q = self.lock();
@@ -125,6 +130,18 @@ impl Mailbox {
                             };
                             q.bytes -= old.size();
                             dropped += 1;
+                            if let (Some(log), true) = (&q.log, old.seq != 0) {
+                                log.done(old.seq);
+                            }
+                        }
+                        if d.qos != QoS::AtMostOnce && q.log.is_some() {
+                            // Written under the queue lock, so the store sees a queue's
+                            // messages in queue order and before anyone can pop them.
+                            d.seq = q.next_seq;
+                            q.next_seq += 1;
+                            if let Some(log) = &q.log {
+                                log.enqueue(&d);
+                            }
                         }
                         q.bytes += size;
                         q.queue.push_back(d);
@@ -217,6 +234,14 @@ impl Mailbox {
     pub fn can_take_now(&self) -> bool {
         let q = self.lock();
         q.online && !q.closed && q.queue.len() < self.limits.max_messages
+    }
+
+    /// Write QoS 1/2 messages queued from now on to `log` (numbered from `next_seq`), or stop
+    /// writing them with `None`.
+    pub fn set_log(&self, log: Option<std::sync::Arc<SessionLog>>, next_seq: u64) {
+        let mut q = self.lock();
+        q.log = log;
+        q.next_seq = next_seq.max(1);
     }
 
     /// Mark the session attached to a connection (queue QoS 0) or not.

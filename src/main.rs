@@ -12,6 +12,7 @@ use tether::admin_client::{self, AdminClient};
 use tether::broker::Broker;
 use tether::config::{Config, ConfigError, ExtraListener, LogFormat, LIVE_KEYS, REFERENCE_TOML};
 use tether::server::{Listener, Sockets};
+use tether::store::Store;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 use tracing_subscriber::filter::LevelFilter;
@@ -29,8 +30,8 @@ struct Args {
     /// every `[[listeners]]` entry (the others).
     #[arg(short = 'b', long = "bind", value_name = "HOST:PORT")]
     bind: Vec<SocketAddr>,
-    /// Directory for persistent state (`data_dir`). Persistence is not implemented yet: the
-    /// directory is only created and checked to be writable.
+    /// Directory for persistent state (`data_dir`; default `tether-data` in the working
+    /// directory).
     #[arg(short = 'd', long = "data-dir", value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Log at debug level.
@@ -141,13 +142,37 @@ fn main() -> ExitCode {
         .with(json)
         .init();
 
-    if let Some(dir) = &config.data_dir {
-        if let Err(e) = prepare_data_dir(dir) {
+    let opened = if config.persistence.enabled {
+        let dir = config.data_dir_or_default();
+        if let Err(e) = prepare_data_dir(&dir) {
             error!(data_dir = %dir.display(), "data directory unusable: {e}");
             return ExitCode::FAILURE;
         }
-        info!(data_dir = %dir.display(), "data directory ready (persistence is not implemented yet)");
-    }
+        info!(data_dir = %dir.display(), fsync = ?config.persistence.fsync, "data directory ready");
+        let started = std::time::Instant::now();
+        match Store::open(config.store_config()) {
+            Ok(o) => {
+                for d in &o.dropped {
+                    warn!("store: dropped a torn or corrupt tail: {d}");
+                }
+                info!(
+                    files = o.files,
+                    bytes = o.bytes,
+                    records = o.state.records,
+                    ms = started.elapsed().as_millis() as u64,
+                    "store read"
+                );
+                Some(o)
+            }
+            Err(e) => {
+                error!("cannot open the store: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        info!("persistence off: sessions and retained messages live in memory only");
+        None
+    };
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -159,10 +184,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(args, config, handle))
+    runtime.block_on(run(args, config, handle, opened))
 }
 
-async fn run(args: Args, config: Config, handle: LevelHandle) -> ExitCode {
+async fn run(
+    args: Args,
+    config: Config,
+    handle: LevelHandle,
+    opened: Option<tether::store::Opened>,
+) -> ExitCode {
     // Signal handlers go in before anything binds: a SIGHUP arriving once the broker is
     // reachable must not hit the default action (which terminates the process).
     let signals = match Signals::new() {
@@ -194,13 +224,27 @@ async fn run(args: Args, config: Config, handle: LevelHandle) -> ExitCode {
             }
         }
     }
-    let broker = Broker::new(Arc::new(config));
+    let store = opened.as_ref().map(|o| o.store.clone());
+    let broker = Broker::with_store(Arc::new(config), store.clone());
+    if let Some(o) = opened {
+        let started = std::time::Instant::now();
+        tether::store::recovery::restore(&broker, o.state, o.last_write);
+        info!(
+            ms = started.elapsed().as_millis() as u64,
+            "recovery finished"
+        );
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(signals.handle(args, broker.clone(), handle, stop_tx));
     tether::server::run_sockets(sockets, broker, async {
         let _ = stop_rx.await;
     })
     .await;
+    if let Some(store) = store {
+        // Everything appended (the sessions parked by the drain above) is written and fsynced.
+        store.close();
+        info!("store flushed");
+    }
     info!("stopped");
     ExitCode::SUCCESS
 }

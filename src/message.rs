@@ -64,6 +64,9 @@ pub struct Delivery {
     pub retain: bool,
     /// Subscription Identifiers of every matching subscription of this session (v5).
     pub subscription_ids: Vec<u32>,
+    /// Its number in a durable session's stored queue (assigned by the mailbox when it is
+    /// written to the store); 0 = not stored.
+    pub seq: u64,
 }
 
 impl Delivery {

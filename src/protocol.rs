@@ -51,6 +51,9 @@ pub enum Exit {
     Shutdown,
     /// An administrator disconnected the client (admin API).
     Kicked,
+    /// The store cannot write: a QoS 1/2 message cannot be acknowledged (3.1.1 has no way
+    /// to refuse one but closing), or acknowledgements already held will never be durable.
+    StoreFailed,
 }
 
 impl Exit {
@@ -63,6 +66,7 @@ impl Exit {
             Exit::TakenOver(_) => Some(ReasonCode::SESSION_TAKEN_OVER),
             Exit::Shutdown => Some(ReasonCode::SERVER_SHUTTING_DOWN),
             Exit::Kicked => Some(ReasonCode::ADMINISTRATIVE_ACTION),
+            Exit::StoreFailed => Some(ReasonCode::UNSPECIFIED_ERROR),
             Exit::ClientDisconnect { .. } | Exit::PeerClosed | Exit::Io(_) => None,
         }
     }
@@ -94,6 +98,7 @@ impl std::fmt::Display for Exit {
             Exit::TakenOver(_) => write!(f, "session taken over by a new connection"),
             Exit::Shutdown => write!(f, "server shutting down"),
             Exit::Kicked => write!(f, "disconnected by an administrator"),
+            Exit::StoreFailed => write!(f, "the store cannot write"),
         }
     }
 }
@@ -502,6 +507,7 @@ impl Conn {
                         qos,
                         retain: true,
                         subscription_ids: subscription.identifier.into_iter().collect(),
+                        seq: 0,
                     },
                     &self.broker.stats,
                 );

@@ -3,11 +3,14 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tokio::time::Instant;
 
 use crate::message::Message;
 use crate::stats::Stats;
+use crate::store::record::Record;
+use crate::store::Store;
 use crate::topic;
 
 /// The retained-message store. Owned by the `Broker`; sharded so retained publishes on
@@ -43,15 +46,31 @@ impl RetainStore {
     /// Store, replace, or (empty payload) delete the retained message of `msg.topic`
     /// [MQTT-3.3.1-5, 3.3.1-10, 3.3.1-11].
     pub fn set(&self, msg: &Arc<Message>, stats: &Stats) {
+        self.set_logged(msg, stats, None);
+    }
+
+    /// `set`, writing the change to `store` (when given) under the topic's shard lock, so two
+    /// racing retained publishes reach the store in the order they reached memory.
+    pub fn set_logged(&self, msg: &Arc<Message>, stats: &Stats, store: Option<&Store>) {
+        let log = |record: Record| {
+            if let Some(store) = store {
+                store.append(&record, true);
+            }
+        };
         if msg.payload.is_empty() {
-            if let Some((_, old)) = self.messages.remove(&msg.topic) {
+            // Logged inside `remove_if`, under the shard lock, like the updates below.
+            let removed = self.messages.remove_if(&msg.topic, |topic, _| {
+                log(Record::RetainDel(topic.clone()));
+                true
+            });
+            if let Some((_, old)) = removed {
                 self.forget(&old);
             }
             return;
         }
         let size = msg.size();
         match self.messages.entry(msg.topic.clone()) {
-            dashmap::mapref::entry::Entry::Occupied(mut o) => {
+            Entry::Occupied(mut o) => {
                 let old = o.get().size();
                 if self.bytes.load(Ordering::Relaxed) - old + size > self.max_bytes {
                     Stats::incr(&stats.dropped_retained_full);
@@ -60,8 +79,9 @@ impl RetainStore {
                 o.insert(msg.clone());
                 self.bytes.fetch_sub(old, Ordering::Relaxed);
                 self.bytes.fetch_add(size, Ordering::Relaxed);
+                log(Record::RetainSet(msg.clone()));
             }
-            dashmap::mapref::entry::Entry::Vacant(v) => {
+            Entry::Vacant(v) => {
                 if self.count.load(Ordering::Relaxed) >= self.max_messages
                     || self.bytes.load(Ordering::Relaxed) + size > self.max_bytes
                 {
@@ -71,6 +91,7 @@ impl RetainStore {
                 v.insert(msg.clone());
                 self.bytes.fetch_add(size, Ordering::Relaxed);
                 self.count.fetch_add(1, Ordering::Relaxed);
+                log(Record::RetainSet(msg.clone()));
             }
         }
     }

@@ -278,6 +278,7 @@ fn deliver(
             // subscription asked for Retain As Published [MQTT-3.3.1-9, 3.3.1-12].
             retain: msg.retain && retain_as_published,
             subscription_ids,
+            seq: 0,
         },
         stats,
     )

@@ -17,6 +17,7 @@ use crate::message::Delivery;
 use crate::packet::{
     Ack, Packet, ProtocolVersion, Publish, QoS, ReasonCode, RetainHandling, SubscribeFilter, Will,
 };
+use crate::store::SessionLog;
 
 /// Session Expiry Interval value meaning "never expires" [MQTT-3.1.2-23 context].
 pub const EXPIRY_NEVER: u32 = u32::MAX;
@@ -108,6 +109,9 @@ pub struct Session {
     pub expiry_interval: u32,
     /// A will waiting for its delay to pass while the session is offline (v5 Will Delay).
     pub pending_will: Option<Will>,
+    /// Where its changes are written, when the session is durable (it outlives its
+    /// connection and the broker has a store); `None` keeps it in memory only.
+    pub log: Option<Arc<SessionLog>>,
 }
 
 impl Session {
@@ -128,6 +132,31 @@ impl Session {
             next_packet_id: 1,
             expiry_interval,
             pending_will: None,
+            log: None,
+        }
+    }
+
+    /// Make the session durable through `log` (or memory-only with `None`); its mailbox
+    /// numbers stored messages from `next_seq` on.
+    pub fn set_log(&mut self, log: Option<Arc<SessionLog>>, next_seq: u64) {
+        self.mailbox.set_log(log.clone(), next_seq);
+        self.log = log;
+    }
+
+    /// Put back an in-flight message recovered from the store (re-sent on resume).
+    pub fn restore_inflight(&mut self, i: Inflight) {
+        self.inflight.push_back(i);
+    }
+
+    /// Put back an inbound QoS 2 id awaiting PUBREL recovered from the store.
+    pub fn restore_inbound(&mut self, packet_id: u16) {
+        self.inbound_qos2.insert(packet_id);
+    }
+
+    /// Record that the stored message `seq` is finished.
+    fn log_done(&self, seq: u64) {
+        if let (Some(log), true) = (&self.log, seq != 0) {
+            log.done(seq);
         }
     }
 
@@ -169,6 +198,11 @@ impl Session {
                 } else {
                     OutState::AwaitPubRec
                 };
+                if let (Some(log), true) = (&self.log, d.seq != 0) {
+                    // QoS 2 ids must be on disk before the PUBLISH leaves: re-sent under
+                    // another id after a crash, it would be delivered twice.
+                    log.sent(d.seq, id, state, qos == QoS::ExactlyOnce);
+                }
                 self.inflight.push_back(Inflight {
                     packet_id: id,
                     delivery: d.clone(),
@@ -191,7 +225,9 @@ impl Session {
     pub fn on_puback(&mut self, packet_id: u16) -> bool {
         match self.position(packet_id, OutState::AwaitPubAck) {
             Some(i) => {
-                self.inflight.remove(i);
+                if let Some(done) = self.inflight.remove(i) {
+                    self.log_done(done.delivery.seq);
+                }
                 true
             }
             None => false,
@@ -205,10 +241,17 @@ impl Session {
     pub fn on_pubrec(&mut self, packet_id: u16, reason: ReasonCode) -> Option<Ack> {
         if let Some(i) = self.position(packet_id, OutState::AwaitPubRec) {
             if !reason.is_success() {
-                self.inflight.remove(i);
+                if let Some(done) = self.inflight.remove(i) {
+                    self.log_done(done.delivery.seq);
+                }
                 return None;
             }
             self.inflight[i].state = OutState::AwaitPubComp;
+            let seq = self.inflight[i].delivery.seq;
+            if let (Some(log), true) = (&self.log, seq != 0) {
+                // After PUBREL the PUBLISH must never be re-sent: durable before it leaves.
+                log.sent(seq, packet_id, OutState::AwaitPubComp, true);
+            }
             return Some(Ack::new(packet_id));
         }
         if self.position(packet_id, OutState::AwaitPubComp).is_some() {
@@ -223,14 +266,20 @@ impl Session {
     /// Drop an inflight entry whose PUBLISH could not be sent at all (larger than the
     /// client's Maximum Packet Size), so it does not wait for an acknowledgement forever.
     pub fn forget(&mut self, packet_id: u16) {
-        self.inflight.retain(|i| i.packet_id != packet_id);
+        if let Some(pos) = self.inflight.iter().position(|i| i.packet_id == packet_id) {
+            if let Some(done) = self.inflight.remove(pos) {
+                self.log_done(done.delivery.seq);
+            }
+        }
     }
 
     /// PUBCOMP received: the QoS 2 flow is complete. False when the id was not awaiting one.
     pub fn on_pubcomp(&mut self, packet_id: u16) -> bool {
         match self.position(packet_id, OutState::AwaitPubComp) {
             Some(i) => {
-                self.inflight.remove(i);
+                if let Some(done) = self.inflight.remove(i) {
+                    self.log_done(done.delivery.seq);
+                }
                 true
             }
             None => false,
@@ -286,6 +335,9 @@ impl Session {
             InboundQos2::Full
         } else {
             self.inbound_qos2.insert(packet_id);
+            if let Some(log) = &self.log {
+                log.inbound(packet_id, true);
+            }
             InboundQos2::New
         }
     }
@@ -293,7 +345,11 @@ impl Session {
     /// PUBREL received: the id may be reused by the client. False when it was not pending
     /// (a PUBCOMP is due either way; v5 adds reason 0x92).
     pub fn release_inbound_qos2(&mut self, packet_id: u16) -> bool {
-        self.inbound_qos2.remove(&packet_id)
+        let released = self.inbound_qos2.remove(&packet_id);
+        if let (Some(log), true) = (&self.log, released) {
+            log.inbound(packet_id, false);
+        }
+        released
     }
 }
 

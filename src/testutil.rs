@@ -38,5 +38,6 @@ pub fn delivery(qos: QoS, payload: &'static [u8]) -> Delivery {
         qos,
         retain: false,
         subscription_ids: vec![],
+        seq: 0,
     }
 }

@@ -312,6 +312,32 @@ pub fn run(name: &str, cmd: Command, timeout: Duration) -> Finished {
 pub struct Broker {
     pub port: u16,
     pub proc: Proc,
+    /// A data directory made for this broker (removed on drop); `None` when the caller chose
+    /// one with `-d`.
+    pub own_data_dir: Option<PathBuf>,
+}
+
+/// A fresh, unique directory name under the system temp dir (not created).
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    std::env::temp_dir().join(format!(
+        "tether-test-{}-{tag}-{n}-{nanos}",
+        std::process::id()
+    ))
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(dir) = self.own_data_dir.take() {
+            let _ = self.proc.kill();
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 impl Broker {
@@ -323,14 +349,31 @@ impl Broker {
     /// Start with `-b 127.0.0.1:<free port>` plus `extra` arguments, and wait until it accepts
     /// TCP connections (polling every 20 ms, at most 10 s) and has logged that it listens on
     /// that port. A port lost to another process between probe and bind is retried.
+    ///
+    /// Persistence is on by default in the binary: unless `extra` names a data directory, the
+    /// broker gets a fresh one under the temp dir (removed on drop), so tests never share a
+    /// store nor write into the working directory.
     pub fn start_with(extra: &[&str]) -> Broker {
+        let chosen = extra.iter().any(|a| *a == "-d" || *a == "--data-dir");
         for _attempt in 0..3 {
             let port = free_port();
             let mut cmd = Command::new(TETHER);
-            cmd.arg("-b").arg(format!("127.0.0.1:{port}")).args(extra);
+            cmd.arg("-b").arg(format!("127.0.0.1:{port}"));
+            let own_data_dir = (!chosen).then(|| temp_dir("data"));
+            if let Some(d) = &own_data_dir {
+                cmd.arg("-d").arg(d);
+            }
+            cmd.args(extra);
             let mut proc = Proc::spawn("tether", cmd);
             if wait_listening(&mut proc, port) {
-                return Broker { port, proc };
+                return Broker {
+                    port,
+                    proc,
+                    own_data_dir,
+                };
+            }
+            if let Some(d) = &own_data_dir {
+                let _ = std::fs::remove_dir_all(d);
             }
             // It exited: if the port was taken meanwhile, try another one.
             if !proc.stdout().contains("cannot listen") && !proc.stderr().contains("cannot listen")

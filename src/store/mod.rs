@@ -1,0 +1,867 @@
+//! Durable sessions: an append-only write-ahead log of session state in `data_dir`, written
+//! by one thread with group commit, replayed at start, compacted in the background.
+//!
+//! Why a log of our own rather than an embedded database: see README, "Persistence" (the
+//! measurement is in `benches/engine-compare`). What the broker needs is exactly a WAL of
+//! queue appends and acknowledgements with one fsync shared by every connection's writes.
+//!
+//! How durability reaches the wire. Every change that must be on disk before the client hears
+//! about it is appended with `sync = true`; the append returns its log sequence number (LSN)
+//! and also remembers it in a thread-local mark. Packet handling is synchronous, so the
+//! connection task reads the mark after handling a packet (`take_sync_mark`) and holds every
+//! byte it produced from then on (the PUBACK, PUBREC, SUBACK, ...) until the writer reports
+//! that LSN durable. Other connections are not blocked, and the order of one connection's
+//! output is kept. The log is a prefix: once an LSN is durable, so is everything before it.
+//!
+//! Files: `NNNNNNNNNNNNNNNN.log`, numbered in write order. A segment is rolled past
+//! `segment_bytes`; when two or more closed files exist, a compaction thread replays them and
+//! writes their live state as one snapshot file with the number of the newest, which makes
+//! every lower-numbered file obsolete (see `record::FileKind`).
+
+pub mod record;
+pub mod recovery;
+pub mod state;
+
+use std::cell::Cell;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::message::Delivery;
+use crate::session::OutState;
+
+use record::{FileKind, Frame, HeaderError, Record, SessionMeta, HEADER_LEN};
+use state::State;
+
+/// When the log is fsynced, and so what a crash of the machine (not just of tether) may lose.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FsyncPolicy {
+    /// fsync every group commit before acknowledging: nothing acknowledged is ever lost.
+    #[default]
+    Always,
+    /// Acknowledge once written to the OS, fsync every `fsync_interval_ms`: a power loss or
+    /// kernel crash loses up to that interval of acknowledged messages; a tether crash none.
+    Interval,
+    /// Acknowledge once written to the OS, never fsync (the kernel writes back when it likes):
+    /// a power loss or kernel crash may lose anything not yet written back; a tether crash none.
+    Never,
+}
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Directory of the log files.
+    pub dir: PathBuf,
+    /// fsync policy.
+    pub fsync: FsyncPolicy,
+    /// Period of the `interval` policy.
+    pub fsync_interval: Duration,
+    /// A segment is closed past this size, which lets compaction reclaim it.
+    pub segment_bytes: u64,
+}
+
+/// Why the store cannot be opened.
+#[derive(Debug)]
+pub enum StoreError {
+    /// An I/O error on a path.
+    Io(PathBuf, std::io::Error),
+    /// Another process holds the directory.
+    Locked(PathBuf),
+    /// The files were written by another format version, or are not tether's.
+    Format(PathBuf, String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Io(p, e) => write!(f, "{}: {e}", p.display()),
+            StoreError::Locked(p) => write!(
+                f,
+                "{} is in use by another running tether process (see its LOCK file)",
+                p.display()
+            ),
+            StoreError::Format(p, why) => write!(f, "{}: {why}", p.display()),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Durability progress as connections see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Durable {
+    /// Every record with an LSN up to this one is durable (per the fsync policy).
+    pub lsn: u64,
+    /// The last write failed: nothing newer is durable until a retry succeeds.
+    pub failed: bool,
+}
+
+thread_local! {
+    /// Highest LSN appended with `sync = true` by this thread since the last `take_sync_mark`.
+    static SYNC_MARK: Cell<u64> = const { Cell::new(0) };
+    /// Where `Store::append` encodes a record before copying it into the shared buffer.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The highest LSN this thread appended with `sync = true` since the last call (0 if none):
+/// output produced since must wait until it is durable.
+pub fn take_sync_mark() -> u64 {
+    SYNC_MARK.with(|m| m.replace(0))
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Encoded frames not yet handed to the writer.
+    buf: Vec<u8>,
+    /// LSN of the last appended record.
+    lsn: u64,
+    /// Ask the writer to fsync now and report (shutdown).
+    flush: bool,
+    /// Ask the writer to finish.
+    closing: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    durable: watch::Sender<Durable>,
+    failed: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The store. Shared (`Arc`) by the broker, every durable session and mailbox.
+#[derive(Debug)]
+pub struct Store {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    incarnations: AtomicU64,
+    dir: PathBuf,
+    /// Held for the life of the store: one process per directory.
+    _lock: File,
+}
+
+/// What opening found.
+#[derive(Debug)]
+pub struct Opened {
+    /// The store, ready for appends.
+    pub store: Arc<Store>,
+    /// The replayed state, to rebuild sessions from.
+    pub state: State,
+    /// When the previous process last wrote (wall ms): sessions connected then are treated
+    /// as disconnected at this moment.
+    pub last_write: u64,
+    /// Files read and bytes replayed.
+    pub files: usize,
+    /// Bytes replayed.
+    pub bytes: u64,
+    /// What was cut off as torn or corrupt, one description per file.
+    pub dropped: Vec<String>,
+}
+
+fn io(p: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |e| StoreError::Io(p.to_path_buf(), e)
+}
+
+fn file_name(n: u64) -> String {
+    format!("{n:016}.log")
+}
+
+/// The numbered log files in `dir`, in order.
+fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let e = e.map_err(io(dir))?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(n) = name
+            .strip_suffix(".log")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            out.push((n, e.path()));
+        } else if name.ends_with(".tmp") {
+            // A compaction that did not finish: its inputs are all still there.
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Where a file stops being good: byte offset and why.
+type BadAt = Option<(u64, String)>;
+/// Where a sequence of files stops being good: file index, byte offset and why.
+type BadFileAt = Option<(usize, u64, String)>;
+
+/// Read one file's header and records into `state`. Returns the bytes replayed and, if the
+/// file has a bad frame, where and why (the file is good up to there).
+fn replay_file(path: &Path, state: &mut State) -> Result<(FileKind, u64, BadAt), StoreError> {
+    let mut data = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .map_err(io(path))?;
+    let kind = match record::parse_header(&data) {
+        Ok(k) => k,
+        // A file cut before its header was complete: created just before a crash.
+        Err(HeaderError::NotAStore)
+            if data.len() < HEADER_LEN && record::MAGIC.starts_with(&data[..data.len().min(8)]) =>
+        {
+            return Ok((
+                FileKind::Segment,
+                0,
+                Some((0, "file header cut short".into())),
+            ))
+        }
+        Err(HeaderError::NotAStore) => {
+            return Err(StoreError::Format(
+                path.to_path_buf(),
+                "not a tether store file (bad magic); refusing to start rather than overwrite it"
+                    .into(),
+            ))
+        }
+        Err(HeaderError::Version(v)) => {
+            return Err(StoreError::Format(
+                path.to_path_buf(),
+                format!(
+                    "written in store format version {v}, this tether reads version {}; \
+                     refusing to start (use the tether release that wrote it, or move the \
+                     data directory away to start empty)",
+                    record::FORMAT_VERSION
+                ),
+            ))
+        }
+        Err(HeaderError::Kind(k)) => {
+            return Err(StoreError::Format(
+                path.to_path_buf(),
+                format!("unknown file kind {k}; refusing to start"),
+            ))
+        }
+    };
+    let mut at = HEADER_LEN;
+    loop {
+        match record::next_frame(&data[at..]) {
+            Frame::End => return Ok((kind, at as u64, None)),
+            Frame::Bad(why) => return Ok((kind, at as u64, Some((at as u64, why.to_string())))),
+            Frame::Ok(payload, n) => match record::decode(payload) {
+                Ok(rec) => {
+                    state.apply(rec);
+                    at += n;
+                }
+                Err(e) => return Ok((kind, at as u64, Some((at as u64, e.to_string())))),
+            },
+        }
+    }
+}
+
+/// Replay files `files` (the newest snapshot first) into a state.
+fn replay(files: &[(u64, PathBuf)]) -> Result<(State, u64, BadFileAt), StoreError> {
+    let mut state = State::default();
+    let mut bytes = 0;
+    for (i, (_, path)) in files.iter().enumerate() {
+        let (_, n, bad) = replay_file(path, &mut state)?;
+        bytes += n;
+        if let Some((at, why)) = bad {
+            return Ok((state, bytes, Some((i, at, why))));
+        }
+    }
+    Ok((state, bytes, None))
+}
+
+/// The index of the newest snapshot among `files` (0 if none: replay from the start).
+fn newest_snapshot(files: &[(u64, PathBuf)]) -> usize {
+    let mut start = 0;
+    for (i, (_, path)) in files.iter().enumerate() {
+        let mut h = [0u8; HEADER_LEN];
+        if File::open(path)
+            .and_then(|mut f| f.read_exact(&mut h))
+            .is_ok()
+            && record::parse_header(&h) == Ok(FileKind::Snapshot)
+        {
+            start = i;
+        }
+    }
+    start
+}
+
+impl Store {
+    /// Open (creating if needed) the store in `cfg.dir`, replay it, and start the writer.
+    /// A torn or corrupt tail is cut off and reported in `Opened::dropped`; files of another
+    /// format are refused.
+    pub fn open(cfg: StoreConfig) -> Result<Opened, StoreError> {
+        let dir = cfg.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let lock = take_lock(&dir)?;
+
+        let mut files = list(&dir)?;
+        let start = newest_snapshot(&files);
+        // Files before the newest snapshot are covered by it: a compaction stopped before
+        // deleting them.
+        for (_, p) in files.drain(..start) {
+            let _ = std::fs::remove_file(p);
+        }
+        let (state, bytes, bad) = replay(&files)?;
+        let mut dropped = Vec::new();
+        if let Some((i, at, why)) = bad {
+            // Keep the good prefix: cut the bad file there and set every later file aside.
+            let (_, path) = &files[i];
+            let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            dropped.push(format!(
+                "{}: {} bytes from offset {at} ({why})",
+                path.display(),
+                len.saturating_sub(at)
+            ));
+            if at == 0 {
+                let _ = std::fs::remove_file(path);
+            } else {
+                OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(at).and_then(|_| f.sync_all()))
+                    .map_err(io(path))?;
+            }
+            for (_, later) in files.drain(i + 1..) {
+                let len = std::fs::metadata(&later).map(|m| m.len()).unwrap_or(0);
+                let aside = later.with_extension("log.dropped");
+                dropped.push(format!(
+                    "{}: {len} bytes after the corruption, moved to {}",
+                    later.display(),
+                    aside.display()
+                ));
+                let _ = std::fs::rename(&later, &aside);
+            }
+            if at == 0 {
+                files.truncate(i);
+            }
+        }
+        let last_write = files
+            .last()
+            .and_then(|(_, p)| std::fs::metadata(p).ok())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or_else(record::wall_now);
+
+        let next = files.last().map_or(1, |(n, _)| n + 1);
+        let sealed: Vec<u64> = files.iter().map(|(n, _)| *n).collect();
+        let active = new_segment(&dir, next)?;
+        sync_dir(&dir);
+
+        let (durable, _) = watch::channel(Durable::default());
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            durable,
+            failed: AtomicBool::new(false),
+        });
+        let mut writer = Writer {
+            shared: shared.clone(),
+            cfg: cfg.clone(),
+            file: active,
+            number: next,
+            len: HEADER_LEN as u64,
+            sealed: Arc::new(Mutex::new(sealed)),
+            compacting: Arc::new(AtomicBool::new(false)),
+        };
+        let handle = std::thread::Builder::new()
+            .name("tether-store".into())
+            .spawn(move || writer.run())
+            .map_err(io(&dir))?;
+        // Incarnations only need to differ from every one on disk; starting from the clock
+        // keeps them increasing across restarts even after compaction forgot old ones.
+        let first = state
+            .max_incarnation
+            .max(record::wall_now().saturating_mul(1000))
+            + 1;
+        let files_read = files.len();
+        Ok(Opened {
+            store: Arc::new(Store {
+                shared,
+                writer: Mutex::new(Some(handle)),
+                incarnations: AtomicU64::new(first),
+                dir,
+                _lock: lock,
+            }),
+            state,
+            last_write,
+            files: files_read,
+            bytes,
+            dropped,
+        })
+    }
+
+    /// The directory of the store.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A number for a new session, never used before in this store.
+    pub fn new_incarnation(&self) -> u64 {
+        self.incarnations.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queue a record for the writer; returns its LSN. With `sync`, the calling thread's sync
+    /// mark is raised to it (see `take_sync_mark`).
+    pub fn append(&self, rec: &Record, sync: bool) -> u64 {
+        // Encoded outside the lock into a per-thread buffer: no allocation per record, and
+        // the lock is held only for a copy.
+        SCRATCH.with_borrow_mut(|frame| {
+            frame.clear();
+            record::encode_frame(rec, frame);
+            self.push_frame(frame, sync)
+        })
+    }
+
+    fn push_frame(&self, frame: &[u8], sync: bool) -> u64 {
+        let lsn = {
+            let mut p = self.shared.lock();
+            let was_empty = p.buf.is_empty();
+            p.buf.extend_from_slice(frame);
+            p.lsn += 1;
+            if was_empty {
+                // The writer sleeps only when it has nothing: one wake-up per batch.
+                self.shared.wake.notify_one();
+            }
+            p.lsn
+        };
+        if sync {
+            SYNC_MARK.with(|m| m.set(m.get().max(lsn)));
+        }
+        lsn
+    }
+
+    /// True while writes fail (disk full, I/O error): new QoS 1/2 messages must be refused.
+    pub fn is_failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Relaxed)
+    }
+
+    /// Watch durability progress.
+    pub fn durable(&self) -> watch::Receiver<Durable> {
+        self.shared.durable.subscribe()
+    }
+
+    /// The highest durable LSN now.
+    pub fn durable_lsn(&self) -> u64 {
+        self.shared.durable.borrow().lsn
+    }
+
+    /// Wait until `lsn` is durable. False if the store failed first (the caller must not
+    /// acknowledge) or shut down.
+    pub async fn wait_durable(rx: &mut watch::Receiver<Durable>, lsn: u64) -> bool {
+        match rx.wait_for(|d| d.lsn >= lsn || d.failed).await {
+            Ok(d) => d.lsn >= lsn,
+            Err(_) => false,
+        }
+    }
+
+    /// Write and fsync everything appended so far, stop the writer and wait for it
+    /// (graceful shutdown). Appends after this are dropped.
+    pub fn close(&self) {
+        {
+            let mut p = self.shared.lock();
+            p.closing = true;
+            self.shared.wake.notify_one();
+        }
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+            let _ = std::fs::remove_file(self.dir.join("LOCK"));
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Claim `dir/LOCK` for this process: it holds the owner's pid, and a pid that is alive and
+/// not ours means another broker uses the directory. (A pid file rather than `flock`, which
+/// std offers only from Rust 1.89 on, above this crate's MSRV; a stale file from a killed
+/// broker is recognised because its pid is gone, or is our own after a container restart.)
+fn take_lock(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join("LOCK");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(pid) = text.trim().parse::<u32>() {
+            let alive = Path::new("/proc").join(pid.to_string()).exists();
+            if alive && pid != std::process::id() {
+                return Err(StoreError::Locked(dir.to_path_buf()));
+            }
+        }
+    }
+    let mut f = File::create(&path).map_err(io(&path))?;
+    f.write_all(format!("{}\n", std::process::id()).as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(io(&path))?;
+    Ok(f)
+}
+
+fn new_segment(dir: &Path, n: u64) -> Result<File, StoreError> {
+    let path = dir.join(file_name(n));
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    f.write_all(&record::header(FileKind::Segment))
+        .and_then(|_| f.sync_data())
+        .map_err(io(&path))?;
+    Ok(f)
+}
+
+/// The writer thread's state.
+struct Writer {
+    shared: Arc<Shared>,
+    cfg: StoreConfig,
+    file: File,
+    number: u64,
+    /// Length of the active file that is known good (what a failed write is cut back to).
+    len: u64,
+    /// Closed files, oldest first.
+    sealed: Arc<Mutex<Vec<u64>>>,
+    compacting: Arc<AtomicBool>,
+}
+
+/// How long a failed write waits before it is retried.
+const RETRY: Duration = Duration::from_secs(1);
+
+impl Writer {
+    fn run(&mut self) {
+        let mut batch: Vec<u8> = Vec::new();
+        let mut batch_lsn = 0u64;
+        let mut unsynced = false;
+        let mut last_sync = Instant::now();
+        let mut failing = false;
+        loop {
+            let closing;
+            {
+                let mut p = self.shared.lock();
+                let tick = match self.cfg.fsync {
+                    FsyncPolicy::Interval if unsynced => {
+                        Some(self.cfg.fsync_interval.saturating_sub(last_sync.elapsed()))
+                    }
+                    _ => None,
+                };
+                if failing {
+                    // Retry no sooner than RETRY, however many records arrive meanwhile.
+                    let until = Instant::now() + RETRY;
+                    while !p.closing {
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        p = self
+                            .shared
+                            .wake
+                            .wait_timeout(p, left)
+                            .map(|r| r.0)
+                            .unwrap_or_else(|e| e.into_inner().0);
+                    }
+                } else if p.buf.is_empty() && !p.closing && !p.flush {
+                    p = match tick {
+                        Some(t) => self
+                            .shared
+                            .wake
+                            .wait_timeout(p, t)
+                            .map(|r| r.0)
+                            .unwrap_or_else(|e| e.into_inner().0),
+                        None => self.shared.wake.wait(p).unwrap_or_else(|e| e.into_inner()),
+                    };
+                }
+                closing = p.closing;
+                p.flush = false;
+                if batch.is_empty() {
+                    std::mem::swap(&mut batch, &mut p.buf);
+                } else {
+                    // A failed batch is retried with whatever came since behind it.
+                    batch.extend_from_slice(&p.buf);
+                    p.buf.clear();
+                }
+                batch_lsn = batch_lsn.max(p.lsn);
+            }
+            let sync_now = match self.cfg.fsync {
+                FsyncPolicy::Always => true,
+                FsyncPolicy::Interval => closing || last_sync.elapsed() >= self.cfg.fsync_interval,
+                FsyncPolicy::Never => closing,
+            };
+            if !batch.is_empty() || (sync_now && unsynced) {
+                match self.write(&batch, sync_now) {
+                    Ok(()) => {
+                        if failing {
+                            info!("store writable again; accepting QoS 1/2 messages");
+                            failing = false;
+                            self.shared.failed.store(false, Ordering::Relaxed);
+                        }
+                        unsynced = !sync_now;
+                        if sync_now {
+                            last_sync = Instant::now();
+                        }
+                        batch.clear();
+                        self.shared.durable.send_replace(Durable {
+                            lsn: batch_lsn,
+                            failed: false,
+                        });
+                    }
+                    Err(e) => {
+                        if !failing {
+                            error!(
+                                dir = %self.cfg.dir.display(),
+                                "store write failed: {e}; refusing QoS 1/2 messages until it \
+                                 succeeds again (retrying every {RETRY:?})"
+                            );
+                            failing = true;
+                            self.shared.failed.store(true, Ordering::Relaxed);
+                            self.shared.durable.send_modify(|d| d.failed = true);
+                        }
+                        if closing {
+                            error!("store closed with {} bytes not written", batch.len());
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if closing {
+                return;
+            }
+            if self.len >= self.cfg.segment_bytes {
+                if let Err(e) = self.roll() {
+                    warn!("cannot start a new log segment: {e}; continuing in the current one");
+                }
+            }
+        }
+    }
+
+    /// Append `batch` to the active file (and fsync). On failure the file is cut back to its
+    /// last good length, so a retry never leaves a partial frame in the middle of the log.
+    fn write(&mut self, batch: &[u8], sync: bool) -> std::io::Result<()> {
+        let r =
+            self.file
+                .write_all(batch)
+                .and_then(|_| if sync { self.file.sync_data() } else { Ok(()) });
+        match r {
+            Ok(()) => {
+                self.len += batch.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.len);
+                Err(e)
+            }
+        }
+    }
+
+    /// Close the active segment (fsynced), start the next, and compact if two or more closed
+    /// files exist.
+    fn roll(&mut self) -> Result<(), StoreError> {
+        let path = self.cfg.dir.join(file_name(self.number));
+        self.file.sync_all().map_err(io(&path))?;
+        let next = new_segment(&self.cfg.dir, self.number + 1)?;
+        sync_dir(&self.cfg.dir);
+        self.file = next;
+        let closed = self.number;
+        self.number += 1;
+        self.len = HEADER_LEN as u64;
+        let files = {
+            let mut s = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
+            s.push(closed);
+            s.clone()
+        };
+        if files.len() >= 2 && !self.compacting.swap(true, Ordering::AcqRel) {
+            let dir = self.cfg.dir.clone();
+            let sealed = self.sealed.clone();
+            let flag = self.compacting.clone();
+            let spawned = std::thread::Builder::new()
+                .name("tether-compact".into())
+                .spawn(move || {
+                    match compact(&dir, &files) {
+                        Ok(()) => {
+                            let top = files.last().copied().unwrap_or(0);
+                            sealed
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .retain(|n| *n >= top);
+                        }
+                        Err(e) => warn!("store compaction failed: {e}; will retry"),
+                    }
+                    flag.store(false, Ordering::Release);
+                });
+            if spawned.is_err() {
+                self.compacting.store(false, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Replace closed files `numbers` by one snapshot of their live state, numbered like the
+/// newest of them. Crash-safe at every step: the snapshot is complete and fsynced before it
+/// is renamed into place, and recovery ignores anything numbered below a snapshot.
+pub fn compact(dir: &Path, numbers: &[u64]) -> Result<(), StoreError> {
+    let Some(&top) = numbers.last() else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    let files: Vec<(u64, PathBuf)> = numbers
+        .iter()
+        .map(|n| (*n, dir.join(file_name(*n))))
+        .collect();
+    let before: u64 = files
+        .iter()
+        .filter_map(|(_, p)| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    let start = newest_snapshot(&files);
+    let (state, _, bad) = replay(&files[start..])?;
+    if let Some((i, at, why)) = bad {
+        return Err(StoreError::Format(
+            files[start + i].1.clone(),
+            format!("bad frame at offset {at} in a closed file ({why}); not compacting"),
+        ));
+    }
+    let tmp = dir.join(format!("{top:016}.tmp"));
+    let mut out = Vec::with_capacity(1 << 20);
+    out.extend_from_slice(&record::header(FileKind::Snapshot));
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    for rec in state.records() {
+        record::encode_frame(&rec, &mut out);
+        if out.len() >= 1 << 20 {
+            f.write_all(&out).map_err(io(&tmp))?;
+            out.clear();
+        }
+    }
+    f.write_all(&out)
+        .and_then(|_| f.sync_all())
+        .map_err(io(&tmp))?;
+    let after = f.metadata().map(|m| m.len()).unwrap_or(0);
+    drop(f);
+    let target = dir.join(file_name(top));
+    std::fs::rename(&tmp, &target).map_err(io(&target))?;
+    sync_dir(dir);
+    for (n, p) in &files {
+        if *n < top {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    info!(
+        files = files.len(),
+        bytes_before = before,
+        bytes_after = after,
+        ms = started.elapsed().as_millis() as u64,
+        "store compacted"
+    );
+    Ok(())
+}
+
+/// The durable side of one session: appends its records to the store.
+#[derive(Debug)]
+pub struct SessionLog {
+    /// The store.
+    pub store: Arc<Store>,
+    /// Client Identifier.
+    pub client_id: Arc<str>,
+    /// Which session of this Client ID.
+    pub incarnation: u64,
+}
+
+impl SessionLog {
+    /// A new session in `store`.
+    pub fn new(store: Arc<Store>, client_id: Arc<str>) -> SessionLog {
+        let incarnation = store.new_incarnation();
+        SessionLog {
+            store,
+            client_id,
+            incarnation,
+        }
+    }
+
+    /// Message `d` entered the queue (the publisher's acknowledgement waits for it).
+    pub fn enqueue(&self, d: &Delivery) {
+        self.store.append(
+            &Record::Enqueue {
+                client_id: self.client_id.clone(),
+                incarnation: self.incarnation,
+                seq: d.seq,
+                delivery: d.clone(),
+            },
+            true,
+        );
+    }
+
+    /// Queue entry `seq` is in flight as `packet_id` in `state`. `sync`: the packet that
+    /// follows must wait for it (QoS 2: a lost packet id would deliver twice).
+    pub fn sent(&self, seq: u64, packet_id: u16, state: OutState, sync: bool) {
+        self.store.append(
+            &Record::Sent {
+                client_id: self.client_id.clone(),
+                incarnation: self.incarnation,
+                seq,
+                packet_id,
+                state,
+            },
+            sync,
+        );
+    }
+
+    /// Queue entry `seq` is finished. Not waited for: losing it only re-sends a QoS 1
+    /// message or a PUBREL, which the protocol allows.
+    pub fn done(&self, seq: u64) {
+        self.store.append(
+            &Record::Done {
+                client_id: self.client_id.clone(),
+                incarnation: self.incarnation,
+                seq,
+            },
+            false,
+        );
+    }
+
+    /// An inbound QoS 2 id was added (PUBREC follows) or released (PUBCOMP follows): both
+    /// must be durable first, or a restart would deliver twice or swallow a reused id.
+    pub fn inbound(&self, packet_id: u16, added: bool) {
+        self.store.append(
+            &Record::Inbound {
+                client_id: self.client_id.clone(),
+                incarnation: self.incarnation,
+                packet_id,
+                added,
+            },
+            true,
+        );
+    }
+
+    /// The session's metadata changed.
+    pub fn meta(&self, meta: SessionMeta) {
+        self.store.append(&Record::Session(meta), true);
+    }
+
+    /// The session ended.
+    pub fn end(&self) {
+        self.store.append(
+            &Record::SessionEnd {
+                client_id: self.client_id.clone(),
+                incarnation: self.incarnation,
+            },
+            true,
+        );
+    }
+}

@@ -1,0 +1,805 @@
+//! The on-disk record format: what one log record says, and its byte encoding.
+//!
+//! A file is a 16-byte header (magic, format version, kind) followed by frames
+//! `[len: u32 LE][crc32: u32 LE][payload: len bytes]`; the CRC (IEEE) covers the payload, so a
+//! torn or overwritten tail is detected and cut off at the last whole frame. The payload starts
+//! with a tag byte naming the record kind. Integers are little-endian; strings and byte
+//! strings carry a u32 length. Times are wall-clock milliseconds since the Unix epoch, because
+//! monotonic instants mean nothing to the next process.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::message::{Delivery, Message};
+use crate::packet::{ProtocolVersion, PublishProperties, QoS, RetainHandling, Will};
+use crate::session::{OutState, Subscription};
+
+/// First bytes of every store file.
+pub const MAGIC: &[u8; 8] = b"TETHERWL";
+/// The format this build writes and the only one it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Header length: magic, version, kind.
+pub const HEADER_LEN: usize = 16;
+/// Frame header length: length and CRC.
+pub const FRAME_HEADER: usize = 8;
+/// Largest payload accepted when reading; a larger length field means a corrupt frame.
+pub const MAX_RECORD: usize = 512 * 1024 * 1024;
+
+/// What a file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// Records appended as they happened.
+    Segment = 0,
+    /// The compacted state of every file numbered up to and including it: replay starts here
+    /// and files numbered below it are obsolete.
+    Snapshot = 1,
+}
+
+/// The 16-byte file header.
+pub fn header(kind: FileKind) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&(kind as u32).to_le_bytes());
+    h
+}
+
+/// Why a header was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderError {
+    /// Not a tether store file (or cut before its header was complete).
+    NotAStore,
+    /// Written by a different format version.
+    Version(u32),
+    /// An unknown file kind.
+    Kind(u32),
+}
+
+/// Parse a file header.
+pub fn parse_header(b: &[u8]) -> Result<FileKind, HeaderError> {
+    if b.len() < HEADER_LEN || &b[..8] != MAGIC {
+        return Err(HeaderError::NotAStore);
+    }
+    let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+    if version != FORMAT_VERSION {
+        return Err(HeaderError::Version(version));
+    }
+    match u32::from_le_bytes([b[12], b[13], b[14], b[15]]) {
+        0 => Ok(FileKind::Segment),
+        1 => Ok(FileKind::Snapshot),
+        k => Err(HeaderError::Kind(k)),
+    }
+}
+
+/// CRC-32 (IEEE 802.3, reflected), table driven; a dependency for 30 lines is not worth it.
+pub fn crc32(data: &[u8]) -> u32 {
+    const fn table() -> [u32; 256] {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    }
+    static TABLE: [u32; 256] = table();
+    let mut c = !0u32;
+    for &b in data {
+        c = TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+/// Wall-clock milliseconds now.
+pub fn wall_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A monotonic instant as wall-clock milliseconds.
+pub fn to_wall(at: Instant) -> u64 {
+    let now = Instant::now();
+    let wall = wall_now();
+    if at >= now {
+        wall.saturating_add(u64::try_from((at - now).as_millis()).unwrap_or(u64::MAX))
+    } else {
+        wall.saturating_sub(u64::try_from((now - at).as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+/// Wall-clock milliseconds as a monotonic instant (a past time becomes a past instant, as far
+/// back as the clock allows).
+pub fn from_wall(ms: u64) -> Instant {
+    let now = Instant::now();
+    let wall = wall_now();
+    if ms >= wall {
+        now + Duration::from_millis(ms - wall)
+    } else {
+        let back = Duration::from_millis(wall - ms);
+        now.checked_sub(back)
+            .unwrap_or(now - Duration::from_secs(0))
+    }
+}
+
+/// Everything about a session except its messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionMeta {
+    /// Client Identifier.
+    pub client_id: Arc<str>,
+    /// Which session of this Client ID: a fresh number per session, so records of an ended
+    /// session can never apply to its successor.
+    pub incarnation: u64,
+    /// Protocol of the last connection.
+    pub protocol: ProtocolVersion,
+    /// Session Expiry Interval.
+    pub expiry_interval: u32,
+    /// When its connection closed (wall ms); `None` while connected.
+    pub disconnected_at: Option<u64>,
+    /// While connected: the connection's will (published if the broker dies, as for any
+    /// abnormal close). While disconnected: the will still waiting for its delay.
+    pub will: Option<Will>,
+    /// Filter -> options.
+    pub subscriptions: Vec<(String, Subscription)>,
+}
+
+/// One log record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// Create or update a session (a new incarnation replaces the old session entirely).
+    Session(SessionMeta),
+    /// The session ended; its state is gone.
+    SessionEnd {
+        /// Client Identifier.
+        client_id: Arc<str>,
+        /// Which session.
+        incarnation: u64,
+    },
+    /// A message entered the session's queue as number `seq`.
+    Enqueue {
+        /// Client Identifier.
+        client_id: Arc<str>,
+        /// Which session.
+        incarnation: u64,
+        /// Position in the session's queue, increasing.
+        seq: u64,
+        /// The delivery.
+        delivery: Delivery,
+    },
+    /// Message `seq` is in flight with this packet id and state.
+    Sent {
+        /// Client Identifier.
+        client_id: Arc<str>,
+        /// Which session.
+        incarnation: u64,
+        /// The queue entry.
+        seq: u64,
+        /// Its packet identifier.
+        packet_id: u16,
+        /// Its QoS flow state.
+        state: OutState,
+    },
+    /// Message `seq` is finished (acknowledged, refused, dropped).
+    Done {
+        /// Client Identifier.
+        client_id: Arc<str>,
+        /// Which session.
+        incarnation: u64,
+        /// The queue entry.
+        seq: u64,
+    },
+    /// An inbound QoS 2 packet id was PUBREC'd (or, `added = false`, released by PUBREL).
+    Inbound {
+        /// Client Identifier.
+        client_id: Arc<str>,
+        /// Which session.
+        incarnation: u64,
+        /// The packet id.
+        packet_id: u16,
+        /// Added (PUBREC) or removed (PUBREL).
+        added: bool,
+    },
+    /// A retained message set (the message's topic).
+    RetainSet(Arc<Message>),
+    /// The retained message of a topic deleted.
+    RetainDel(String),
+}
+
+const T_SESSION: u8 = 1;
+const T_SESSION_END: u8 = 2;
+const T_ENQUEUE: u8 = 3;
+const T_SENT: u8 = 4;
+const T_DONE: u8 = 5;
+const T_INBOUND: u8 = 6;
+const T_RETAIN_SET: u8 = 7;
+const T_RETAIN_DEL: u8 = 8;
+
+/// A record that does not decode: the frame passed its CRC, so this means a bug or a
+/// different format, not a torn write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError(pub &'static str);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "undecodable record: {}", self.0)
+    }
+}
+
+/// Append `rec` as one frame to `out`.
+pub fn encode_frame(rec: &Record, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER]);
+    encode(rec, out);
+    let payload = &out[start + FRAME_HEADER..];
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    let crc = crc32(payload);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn put_u16(o: &mut Vec<u8>, v: u16) {
+    o.extend_from_slice(&v.to_le_bytes());
+}
+fn put_u32(o: &mut Vec<u8>, v: u32) {
+    o.extend_from_slice(&v.to_le_bytes());
+}
+fn put_u64(o: &mut Vec<u8>, v: u64) {
+    o.extend_from_slice(&v.to_le_bytes());
+}
+fn put_bytes(o: &mut Vec<u8>, b: &[u8]) {
+    put_u32(o, u32::try_from(b.len()).unwrap_or(u32::MAX));
+    o.extend_from_slice(b);
+}
+fn put_opt_bytes(o: &mut Vec<u8>, b: Option<&[u8]>) {
+    match b {
+        None => o.push(0),
+        Some(b) => {
+            o.push(1);
+            put_bytes(o, b);
+        }
+    }
+}
+fn put_opt_u32(o: &mut Vec<u8>, v: Option<u32>) {
+    match v {
+        None => o.push(0),
+        Some(v) => {
+            o.push(1);
+            put_u32(o, v);
+        }
+    }
+}
+
+fn put_props(o: &mut Vec<u8>, p: &PublishProperties) {
+    put_opt_u32(o, p.payload_format_indicator.map(u32::from));
+    put_opt_u32(o, p.message_expiry_interval);
+    put_opt_bytes(o, p.response_topic.as_deref().map(str::as_bytes));
+    put_opt_bytes(o, p.correlation_data.as_deref());
+    put_u32(o, u32::try_from(p.user_properties.len()).unwrap_or(0));
+    for (k, v) in &p.user_properties {
+        put_bytes(o, k.as_bytes());
+        put_bytes(o, v.as_bytes());
+    }
+    put_opt_bytes(o, p.content_type.as_deref().map(str::as_bytes));
+}
+
+fn put_message(o: &mut Vec<u8>, m: &Message) {
+    put_bytes(o, m.topic.as_bytes());
+    put_bytes(o, &m.payload);
+    o.push(m.qos as u8);
+    o.push(u8::from(m.retain));
+    put_props(o, &m.properties);
+    // 0 = no expiry; a real expiry time is never the epoch.
+    put_u64(o, m.expires_at.map(to_wall).map_or(0, |w| w.max(1)));
+    put_opt_bytes(o, m.publisher.as_deref().map(str::as_bytes));
+}
+
+fn put_will(o: &mut Vec<u8>, w: &Will) {
+    put_bytes(o, w.topic.as_bytes());
+    put_bytes(o, &w.payload);
+    o.push(w.qos as u8);
+    o.push(u8::from(w.retain));
+    put_u32(o, w.delay_interval);
+    put_props(o, &w.properties);
+}
+
+fn state_byte(s: OutState) -> u8 {
+    match s {
+        OutState::AwaitPubAck => 0,
+        OutState::AwaitPubRec => 1,
+        OutState::AwaitPubComp => 2,
+    }
+}
+
+fn encode(rec: &Record, o: &mut Vec<u8>) {
+    match rec {
+        Record::Session(m) => {
+            o.push(T_SESSION);
+            put_bytes(o, m.client_id.as_bytes());
+            put_u64(o, m.incarnation);
+            o.push(m.protocol.level());
+            put_u32(o, m.expiry_interval);
+            put_u64(o, m.disconnected_at.map_or(0, |w| w.max(1)));
+            match &m.will {
+                None => o.push(0),
+                Some(w) => {
+                    o.push(1);
+                    put_will(o, w);
+                }
+            }
+            put_u32(o, u32::try_from(m.subscriptions.len()).unwrap_or(0));
+            for (filter, s) in &m.subscriptions {
+                put_bytes(o, filter.as_bytes());
+                o.push(s.qos as u8);
+                let handling = match s.retain_handling {
+                    RetainHandling::OnSubscribe => 0,
+                    RetainHandling::OnNewSubscribe => 1,
+                    RetainHandling::Never => 2,
+                };
+                o.push(u8::from(s.no_local) | u8::from(s.retain_as_published) << 1 | handling << 2);
+                put_opt_u32(o, s.identifier);
+            }
+        }
+        Record::SessionEnd {
+            client_id,
+            incarnation,
+        } => {
+            o.push(T_SESSION_END);
+            put_bytes(o, client_id.as_bytes());
+            put_u64(o, *incarnation);
+        }
+        Record::Enqueue {
+            client_id,
+            incarnation,
+            seq,
+            delivery,
+        } => {
+            o.push(T_ENQUEUE);
+            put_bytes(o, client_id.as_bytes());
+            put_u64(o, *incarnation);
+            put_u64(o, *seq);
+            o.push(delivery.qos as u8);
+            o.push(u8::from(delivery.retain));
+            put_u32(
+                o,
+                u32::try_from(delivery.subscription_ids.len()).unwrap_or(0),
+            );
+            for id in &delivery.subscription_ids {
+                put_u32(o, *id);
+            }
+            put_message(o, &delivery.msg);
+        }
+        Record::Sent {
+            client_id,
+            incarnation,
+            seq,
+            packet_id,
+            state,
+        } => {
+            o.push(T_SENT);
+            put_bytes(o, client_id.as_bytes());
+            put_u64(o, *incarnation);
+            put_u64(o, *seq);
+            put_u16(o, *packet_id);
+            o.push(state_byte(*state));
+        }
+        Record::Done {
+            client_id,
+            incarnation,
+            seq,
+        } => {
+            o.push(T_DONE);
+            put_bytes(o, client_id.as_bytes());
+            put_u64(o, *incarnation);
+            put_u64(o, *seq);
+        }
+        Record::Inbound {
+            client_id,
+            incarnation,
+            packet_id,
+            added,
+        } => {
+            o.push(T_INBOUND);
+            put_bytes(o, client_id.as_bytes());
+            put_u64(o, *incarnation);
+            put_u16(o, *packet_id);
+            o.push(u8::from(*added));
+        }
+        Record::RetainSet(m) => {
+            o.push(T_RETAIN_SET);
+            put_message(o, m);
+        }
+        Record::RetainDel(topic) => {
+            o.push(T_RETAIN_DEL);
+            put_bytes(o, topic.as_bytes());
+        }
+    }
+}
+
+/// A cursor over a record payload; every read checks bounds.
+struct Rd<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Rd<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.b.len() < n {
+            return Err(DecodeError("truncated field"));
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn string(&mut self) -> Result<String, DecodeError> {
+        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| DecodeError("invalid UTF-8"))
+    }
+    fn opt_bytes(&mut self) -> Result<Option<&'a [u8]>, DecodeError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.bytes()?)),
+            _ => Err(DecodeError("bad option tag")),
+        }
+    }
+    fn opt_string(&mut self) -> Result<Option<String>, DecodeError> {
+        self.opt_bytes()?
+            .map(|b| String::from_utf8(b.to_vec()).map_err(|_| DecodeError("invalid UTF-8")))
+            .transpose()
+    }
+    fn opt_u32(&mut self) -> Result<Option<u32>, DecodeError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.u32()?)),
+            _ => Err(DecodeError("bad option tag")),
+        }
+    }
+    fn qos(&mut self) -> Result<QoS, DecodeError> {
+        QoS::from_u8(self.u8()?).ok_or(DecodeError("bad QoS"))
+    }
+    fn bool(&mut self) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError("bad boolean")),
+        }
+    }
+    fn client(&mut self) -> Result<Arc<str>, DecodeError> {
+        Ok(self.string()?.into())
+    }
+    fn props(&mut self) -> Result<PublishProperties, DecodeError> {
+        let payload_format_indicator = self
+            .opt_u32()?
+            .map(|v| u8::try_from(v).map_err(|_| DecodeError("bad format indicator")))
+            .transpose()?;
+        let message_expiry_interval = self.opt_u32()?;
+        let response_topic = self.opt_string()?;
+        let correlation_data = self.opt_bytes()?.map(Bytes::copy_from_slice);
+        let n = self.u32()? as usize;
+        let mut user_properties = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            user_properties.push((self.string()?, self.string()?));
+        }
+        let content_type = self.opt_string()?;
+        Ok(PublishProperties {
+            payload_format_indicator,
+            message_expiry_interval,
+            topic_alias: None,
+            response_topic,
+            correlation_data,
+            user_properties,
+            subscription_identifiers: Vec::new(),
+            content_type,
+        })
+    }
+    fn message(&mut self) -> Result<Message, DecodeError> {
+        let topic = self.string()?;
+        let payload = Bytes::copy_from_slice(self.bytes()?);
+        let qos = self.qos()?;
+        let retain = self.bool()?;
+        let properties = self.props()?;
+        let expires = self.u64()?;
+        let publisher = self.opt_string()?.map(Arc::from);
+        Ok(Message {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties,
+            expires_at: (expires != 0).then(|| from_wall(expires)),
+            publisher,
+        })
+    }
+    fn will(&mut self) -> Result<Will, DecodeError> {
+        Ok(Will {
+            topic: self.string()?,
+            payload: Bytes::copy_from_slice(self.bytes()?),
+            qos: self.qos()?,
+            retain: self.bool()?,
+            delay_interval: self.u32()?,
+            properties: self.props()?,
+        })
+    }
+}
+
+/// Decode one record payload (the CRC was checked by the caller).
+pub fn decode(payload: &[u8]) -> Result<Record, DecodeError> {
+    let mut r = Rd { b: payload };
+    let rec = match r.u8()? {
+        T_SESSION => {
+            let client_id = r.client()?;
+            let incarnation = r.u64()?;
+            let protocol = match r.u8()? {
+                3 => ProtocolVersion::V31,
+                4 => ProtocolVersion::V311,
+                5 => ProtocolVersion::V5,
+                _ => return Err(DecodeError("bad protocol level")),
+            };
+            let expiry_interval = r.u32()?;
+            let disc = r.u64()?;
+            let will = match r.u8()? {
+                0 => None,
+                1 => Some(r.will()?),
+                _ => return Err(DecodeError("bad option tag")),
+            };
+            let n = r.u32()? as usize;
+            let mut subscriptions = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                let filter = r.string()?;
+                let qos = r.qos()?;
+                let flags = r.u8()?;
+                let retain_handling = match flags >> 2 {
+                    0 => RetainHandling::OnSubscribe,
+                    1 => RetainHandling::OnNewSubscribe,
+                    2 => RetainHandling::Never,
+                    _ => return Err(DecodeError("bad retain handling")),
+                };
+                let identifier = r.opt_u32()?;
+                subscriptions.push((
+                    filter,
+                    Subscription {
+                        qos,
+                        no_local: flags & 1 != 0,
+                        retain_as_published: flags & 2 != 0,
+                        retain_handling,
+                        identifier,
+                    },
+                ));
+            }
+            Record::Session(SessionMeta {
+                client_id,
+                incarnation,
+                protocol,
+                expiry_interval,
+                disconnected_at: (disc != 0).then_some(disc),
+                will,
+                subscriptions,
+            })
+        }
+        T_SESSION_END => Record::SessionEnd {
+            client_id: r.client()?,
+            incarnation: r.u64()?,
+        },
+        T_ENQUEUE => {
+            let client_id = r.client()?;
+            let incarnation = r.u64()?;
+            let seq = r.u64()?;
+            let qos = r.qos()?;
+            let retain = r.bool()?;
+            let n = r.u32()? as usize;
+            let mut subscription_ids = Vec::with_capacity(n.min(64));
+            for _ in 0..n {
+                subscription_ids.push(r.u32()?);
+            }
+            let msg = Arc::new(r.message()?);
+            Record::Enqueue {
+                client_id,
+                incarnation,
+                seq,
+                delivery: Delivery {
+                    msg,
+                    qos,
+                    retain,
+                    subscription_ids,
+                    seq,
+                },
+            }
+        }
+        T_SENT => Record::Sent {
+            client_id: r.client()?,
+            incarnation: r.u64()?,
+            seq: r.u64()?,
+            packet_id: r.u16()?,
+            state: match r.u8()? {
+                0 => OutState::AwaitPubAck,
+                1 => OutState::AwaitPubRec,
+                2 => OutState::AwaitPubComp,
+                _ => return Err(DecodeError("bad inflight state")),
+            },
+        },
+        T_DONE => Record::Done {
+            client_id: r.client()?,
+            incarnation: r.u64()?,
+            seq: r.u64()?,
+        },
+        T_INBOUND => Record::Inbound {
+            client_id: r.client()?,
+            incarnation: r.u64()?,
+            packet_id: r.u16()?,
+            added: r.bool()?,
+        },
+        T_RETAIN_SET => Record::RetainSet(Arc::new(r.message()?)),
+        T_RETAIN_DEL => Record::RetainDel(r.string()?),
+        _ => return Err(DecodeError("unknown record tag")),
+    };
+    if !r.b.is_empty() {
+        return Err(DecodeError("trailing bytes"));
+    }
+    Ok(rec)
+}
+
+/// One frame read from a buffer.
+#[derive(Debug)]
+pub enum Frame<'a> {
+    /// A whole frame whose CRC matches: its payload and total length.
+    Ok(&'a [u8], usize),
+    /// Nothing left.
+    End,
+    /// A torn or corrupt frame starts here.
+    Bad(&'static str),
+}
+
+/// Read the frame at the start of `b`.
+pub fn next_frame(b: &[u8]) -> Frame<'_> {
+    if b.is_empty() {
+        return Frame::End;
+    }
+    if b.len() < FRAME_HEADER {
+        return Frame::Bad("partial frame header");
+    }
+    let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    let crc = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    if len > MAX_RECORD {
+        return Frame::Bad("frame length out of range");
+    }
+    if b.len() - FRAME_HEADER < len {
+        return Frame::Bad("frame cut short");
+    }
+    let payload = &b[FRAME_HEADER..FRAME_HEADER + len];
+    if crc32(payload) != crc {
+        return Frame::Bad("checksum mismatch");
+    }
+    Frame::Ok(payload, FRAME_HEADER + len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::delivery;
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let mut d = delivery(QoS::ExactlyOnce, b"payload");
+        {
+            let m = Arc::make_mut(&mut d.msg);
+            m.properties.user_properties = vec![("k".into(), "v".into())];
+            m.properties.content_type = Some("text/plain".into());
+            m.properties.correlation_data = Some(Bytes::from_static(b"\x00\x01"));
+            m.publisher = Some("pub".into());
+        }
+        d.subscription_ids = vec![4, 9];
+        d.seq = 17;
+        let recs = vec![
+            Record::Session(SessionMeta {
+                client_id: "c".into(),
+                incarnation: 3,
+                protocol: ProtocolVersion::V5,
+                expiry_interval: 60,
+                disconnected_at: Some(1234),
+                will: Some(Will {
+                    topic: "w".into(),
+                    payload: Bytes::from_static(b"bye"),
+                    qos: QoS::AtLeastOnce,
+                    retain: true,
+                    delay_interval: 5,
+                    properties: PublishProperties::default(),
+                }),
+                subscriptions: vec![(
+                    "a/#".into(),
+                    Subscription {
+                        qos: QoS::ExactlyOnce,
+                        no_local: true,
+                        retain_as_published: false,
+                        retain_handling: RetainHandling::Never,
+                        identifier: Some(7),
+                    },
+                )],
+            }),
+            Record::Enqueue {
+                client_id: "c".into(),
+                incarnation: 3,
+                seq: 17,
+                delivery: d,
+            },
+            Record::Sent {
+                client_id: "c".into(),
+                incarnation: 3,
+                seq: 17,
+                packet_id: 9,
+                state: OutState::AwaitPubComp,
+            },
+            Record::Done {
+                client_id: "c".into(),
+                incarnation: 3,
+                seq: 17,
+            },
+            Record::Inbound {
+                client_id: "c".into(),
+                incarnation: 3,
+                packet_id: 5,
+                added: true,
+            },
+            Record::RetainDel("a/b".into()),
+            Record::SessionEnd {
+                client_id: "c".into(),
+                incarnation: 3,
+            },
+        ];
+        let mut buf = Vec::new();
+        for r in &recs {
+            encode_frame(r, &mut buf);
+        }
+        let mut at = 0;
+        for r in &recs {
+            let Frame::Ok(p, n) = next_frame(&buf[at..]) else {
+                panic!("frame")
+            };
+            assert_eq!(&decode(p).unwrap(), r);
+            at += n;
+        }
+        assert!(matches!(next_frame(&buf[at..]), Frame::End));
+        // A flipped bit and a cut frame are both detected.
+        let mut bad = buf.clone();
+        bad[12] ^= 1;
+        assert!(matches!(next_frame(&bad), Frame::Bad(_)));
+        assert!(matches!(next_frame(&buf[..5]), Frame::Bad(_)));
+        assert!(matches!(next_frame(&buf[..20]), Frame::Bad(_)));
+    }
+}
