@@ -7,7 +7,7 @@
 //! bytes with up to a window (`WINDOWS`) unacknowledged. Measured: from the first PUBLISH until the last
 //! PUBACK reached the publisher and every subscriber received every message.
 //!
-//! `cargo build --release && cargo bench --bench persistence` (needs target/release/tether;
+//! `cargo bench --bench persistence` (cargo builds the tether binary it starts;
 //! Mosquitto at /usr/sbin/mosquitto, skipped if absent). Run as a test (`cargo nextest run
 //! --all-targets`) it does nothing: it starts brokers and takes seconds.
 
@@ -36,8 +36,8 @@ fn main() {
         println!("persistence bench: run with `cargo bench --bench persistence` (skipped)");
         return;
     }
-    let root = env!("CARGO_MANIFEST_DIR");
-    let tether = format!("{root}/target/release/tether");
+    // Cargo builds the binary for benches and names its path.
+    let tether = env!("CARGO_BIN_EXE_tether").to_string();
     let base = std::env::temp_dir().join(format!("tether-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).expect("temp dir");
@@ -76,7 +76,7 @@ fn measure(tether: &str, base: &std::path::Path, window: usize) {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("{tether}: {e} (cargo build --release first)"));
+            .unwrap_or_else(|e| panic!("{tether}: {e}"));
         let rate = run(name, port, child, window);
         results.push((name, rate));
     }
