@@ -166,6 +166,9 @@ async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown
         .await;
         return;
     }
+    // From here on, store appends count for the CONNACK: a discarded old session's
+    // SessionEnd must be durable before the client hears Session Present = 0.
+    crate::store::take_sync_mark();
     let (mut session, present) = match old {
         Some(s) if !connect.clean_start => (s, true),
         Some(s) => {
@@ -188,23 +191,28 @@ async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown
     session.mailbox.set_online(true);
     // Durable or not is decided here, for this connection's lifetime: a session that outlives
     // its connection is written to the store (with the will, which a crash must publish).
-    crate::store::take_sync_mark();
     if let Some(store) = &broker.store {
         if expiry > 0 {
-            if session.log.is_none() {
-                let log = SessionLog::new(store.clone(), client_id.clone());
-                session.set_log(Some(Arc::new(log)), 1);
-            }
-            if let (Some(log), Some(meta)) = (
-                &session.log,
-                session_meta(&session, connect.will.as_ref(), None),
-            ) {
+            let new = session.log.is_none();
+            let log = session
+                .log
+                .get_or_insert_with(|| Arc::new(SessionLog::new(store.clone(), client_id.clone())))
+                .clone();
+            // The Session record goes out before the mailbox (which publishers write through)
+            // gets the log: an Enqueue that replay meets before the record of its incarnation
+            // would be dropped.
+            if let Some(meta) = session_meta(&session, connect.will.as_ref(), None) {
                 log.meta(meta);
             }
+            if new {
+                session.set_log(Some(log), 1);
+            }
         } else if let Some(log) = session.log.take() {
-            // Resumed by a connection that ends it: it no longer needs the disk.
+            // Resumed by a connection that ends it: it no longer needs the disk. Its queue
+            // numbers belonged to that log and must not be mistaken for a later log's.
             log.end();
             session.set_log(None, 0);
+            session.clear_seqs();
         }
     }
     let mut held = Held::new(broker);
@@ -558,6 +566,14 @@ async fn main_loop(
         // Back-pressure: while a subscriber queue this client published into is congested,
         // read nothing more from it (up to BACKPRESSURE_MAX_WAIT per wait).
         let blocked = std::mem::take(&mut conn.blocked);
+        let blocked_until = if blocked.is_empty() {
+            conn.blocked_until = None;
+            Instant::now()
+        } else {
+            *conn
+                .blocked_until
+                .get_or_insert_with(|| Instant::now() + BACKPRESSURE_MAX_WAIT)
+        };
         // An idle connection holds no read buffer: it waits for readiness, and the buffer is
         // allocated only to read (thousands of idle clients would otherwise keep 8 KiB each).
         if inbuf.is_empty() && inbuf.capacity() > 0 {
@@ -604,7 +620,10 @@ async fn main_loop(
                 }
             },
             _ = session.mailbox.notified(), if room => {}
-            _ = drained(&blocked), if !blocked.is_empty() => continue,
+            _ = drained(&blocked, blocked_until), if !blocked.is_empty() => {
+                conn.blocked_until = None;
+                continue;
+            }
             _ = &mut sleep, if keep_alive.is_some() && blocked.is_empty() => return Exit::KeepAliveTimeout,
         }
         conn.blocked = blocked;
@@ -616,9 +635,10 @@ async fn main_loop(
 /// and the queue's limit and overflow policy apply (a stuck subscriber cannot stall it).
 const BACKPRESSURE_MAX_WAIT: Duration = Duration::from_secs(1);
 
-/// Resolves when every queue in `blocked` has drained, or after `BACKPRESSURE_MAX_WAIT`.
-async fn drained(blocked: &[Arc<Mailbox>]) {
-    let _ = timeout(BACKPRESSURE_MAX_WAIT, async {
+/// Resolves when every queue in `blocked` has drained, or at `until` (the end of this
+/// back-pressure episode, `BACKPRESSURE_MAX_WAIT` after it began).
+async fn drained(blocked: &[Arc<Mailbox>], until: Instant) {
+    let _ = tokio::time::timeout_at(until, async {
         for m in blocked {
             m.drained().await;
         }

@@ -244,6 +244,14 @@ impl Mailbox {
         q.next_seq = next_seq.max(1);
     }
 
+    /// Forget the store sequence numbers of the queued deliveries (see
+    /// `Session::clear_seqs`).
+    pub fn clear_seqs(&self) {
+        for d in &mut self.lock().queue {
+            d.seq = 0;
+        }
+    }
+
     /// Mark the session attached to a connection (queue QoS 0) or not.
     pub fn set_online(&self, online: bool) {
         self.lock().online = online;

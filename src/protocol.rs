@@ -132,6 +132,9 @@ pub struct Conn {
     /// Back-pressure: subscriber queues the last PUBLISH left congested. While any is, the
     /// connection reads nothing more from its client (see `connection::main_loop`).
     pub blocked: Vec<Arc<Mailbox>>,
+    /// When the current back-pressure episode ends at the latest: fixed when it starts, so
+    /// other wake-ups (own deliveries, writes, group commits) cannot extend it.
+    pub blocked_until: Option<Instant>,
     /// Inbound topic aliases (v5): alias -> topic; at most `listener.topic_alias_maximum`.
     aliases_in: HashMap<u16, String>,
     /// Outbound topic aliases (v5): topic -> alias; at most the client's Topic Alias Maximum.
@@ -166,6 +169,7 @@ impl Conn {
             connect_expiry: 0,
             problem_info: c.properties.request_problem_information != Some(0),
             blocked: Vec::new(),
+            blocked_until: None,
             aliases_in: HashMap::new(),
             aliases_out: HashMap::new(),
             alias_out_max: if broker.config.listener.outbound_topic_aliases {
@@ -423,6 +427,8 @@ impl Conn {
             },
             Some(&mut self.blocked),
         );
+        // Never wait for our own queue: it drains only once we read the client's acks.
+        self.blocked.retain(|m| !Arc::ptr_eq(m, &s.mailbox));
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {

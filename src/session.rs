@@ -143,6 +143,15 @@ impl Session {
         self.log = log;
     }
 
+    /// Forget the store sequence numbers of everything queued or in flight: the log they
+    /// referred to has ended, and a later log numbers its entries from 1 again.
+    pub fn clear_seqs(&mut self) {
+        for i in &mut self.inflight {
+            i.delivery.seq = 0;
+        }
+        self.mailbox.clear_seqs();
+    }
+
     /// Put back an in-flight message recovered from the store (re-sent on resume).
     pub fn restore_inflight(&mut self, i: Inflight) {
         self.inflight.push_back(i);

@@ -266,7 +266,18 @@ fn replay_file(path: &Path, state: &mut State) -> Result<(FileKind, u64, BadAt),
                     state.apply(rec);
                     at += n;
                 }
-                Err(e) => return Ok((kind, at as u64, Some((at as u64, e.to_string())))),
+                // The checksum holds, so this is no torn write: it is a record of a format
+                // this build does not know (or a bug). Cutting here would silently discard
+                // every acknowledged record after it, so refuse to start instead.
+                Err(e) => {
+                    return Err(StoreError::Format(
+                        path.to_path_buf(),
+                        format!(
+                            "record at offset {at} passes its checksum but does not decode ({e}); \
+                             refusing to start rather than drop what follows it"
+                        ),
+                    ))
+                }
             },
         }
     }
@@ -378,6 +389,7 @@ impl Store {
             file: active,
             number: next,
             len: HEADER_LEN as u64,
+            torn: false,
             sealed: Arc::new(Mutex::new(sealed)),
             compacting: Arc::new(AtomicBool::new(false)),
         };
@@ -536,6 +548,8 @@ struct Writer {
     number: u64,
     /// Length of the active file that is known good (what a failed write is cut back to).
     len: u64,
+    /// A failed write could not be cut back yet: nothing is appended until it is.
+    torn: bool,
     /// Closed files, oldest first.
     sealed: Arc<Mutex<Vec<u64>>>,
     compacting: Arc<AtomicBool>,
@@ -654,6 +668,12 @@ impl Writer {
     /// Append `batch` to the active file (and fsync). On failure the file is cut back to its
     /// last good length, so a retry never leaves a partial frame in the middle of the log.
     fn write(&mut self, batch: &[u8], sync: bool) -> std::io::Result<()> {
+        if self.torn {
+            // A partial frame may still sit after `len`: appending behind it would hide every
+            // later record from recovery. Only write once the cut-back has succeeded.
+            self.file.set_len(self.len)?;
+            self.torn = false;
+        }
         let r =
             self.file
                 .write_all(batch)
@@ -664,7 +684,7 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
-                let _ = self.file.set_len(self.len);
+                self.torn = self.file.set_len(self.len).is_err();
                 Err(e)
             }
         }
