@@ -371,10 +371,29 @@ impl Registry {
                 generation,
                 session,
                 will_at,
-                ..
+                deadline,
             } if *generation == timer.generation && *will_at == Some(timer.at) => {
                 *will_at = None;
-                session.pending_will.take()
+                let will = session.pending_will.take();
+                // A durable session records that its will is gone, or a restart would
+                // publish it again. Rebased to now: the remaining lifetime counts from here.
+                if let Some(log) = session.log.clone() {
+                    let now = Instant::now();
+                    let left = deadline.map_or(EXPIRY_NEVER, |d| {
+                        let ms = d.saturating_duration_since(now).as_millis();
+                        u32::try_from(ms.div_ceil(1000))
+                            .unwrap_or(EXPIRY_NEVER - 1)
+                            .max(1)
+                    });
+                    let saved = std::mem::replace(&mut session.expiry_interval, left);
+                    let wall = crate::store::record::to_wall(now);
+                    if let Some(m) = crate::store::recovery::session_meta(session, None, Some(wall))
+                    {
+                        log.meta(m);
+                    }
+                    session.expiry_interval = saved;
+                }
+                will
             }
             _ => None,
         }

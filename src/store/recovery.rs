@@ -101,6 +101,7 @@ pub fn restore(broker: &Arc<Broker>, state: State, last_write: u64) -> Restored 
         // A connected client's will is due as after any abnormal close; a pending one keeps
         // what is left of its delay.
         let mut will = meta.will;
+        let had_will = will.is_some();
         if let Some(w) = &mut will {
             let delay_left = (u64::from(w.delay_interval) * 1000).saturating_sub(down_ms);
             if delay_left == 0 || left == 0 {
@@ -152,12 +153,21 @@ pub fn restore(broker: &Arc<Broker>, state: State, last_write: u64) -> Restored 
                 }
             }
         }
-        session.set_log(Some(log), next_seq);
-        session.pending_will = will;
+        session.set_log(Some(log.clone()), next_seq);
         // Parked with what is left of its lifetime: the registry arms its timers from the
         // interval. The stored record keeps the original interval and disconnect time, so a
         // second restart computes from them again; a reconnect sets the interval anew.
         session.expiry_interval = left;
+        if was_connected || had_will != will.is_some() {
+            // What recovery decided must be on disk before the next restart: the crash time
+            // as the disconnect time, and no will once it has been published. Otherwise every
+            // restart would publish the will again and restart the expiry clock. Rebased to
+            // now: `left` and the will's remaining delay count from here.
+            if let Some(m) = session_meta(&session, will.as_ref(), Some(now_wall)) {
+                log.meta(m);
+            }
+        }
+        session.pending_will = will;
         match broker.registry.park_orphan(session, now) {
             Parked::Offline => out.sessions += 1,
             Parked::Ended(s) | Parked::Stale(s) | Parked::HandOver(s) => broker.end_session(s),
