@@ -121,8 +121,16 @@ impl Broker {
     pub fn publish_into(&self, msg: Message, congested: Option<&mut Vec<Arc<Mailbox>>>) -> usize {
         let msg = Arc::new(msg);
         if msg.retain {
-            self.retained
-                .set_logged(&msg, &self.stats, self.store.as_deref());
+            if self.store.as_ref().is_some_and(|s| s.is_failed()) {
+                // The store cannot take the change: refusing it keeps memory and disk in step,
+                // and stops a client publishing retained messages in a loop (QoS 0 included)
+                // from growing the store's pending buffer without bound during an outage.
+                // The message is still delivered to current subscribers.
+                Stats::incr(&self.stats.dropped_retained_full);
+            } else {
+                self.retained
+                    .set_logged(&msg, &self.stats, self.store.as_deref());
+            }
         }
         self.router.route_into(&msg, &self.stats, congested)
     }
