@@ -12,8 +12,8 @@ use crate::message::Message;
 use crate::packet::{ProtocolVersion, Will};
 use crate::registry::Registry;
 use crate::retain::RetainStore;
-use crate::router::Router;
-use crate::session::Session;
+use crate::router::{Router, SubEntry};
+use crate::session::{Session, Subscription};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::store::Store;
@@ -152,6 +152,31 @@ impl Broker {
             expires_at,
             publisher: Some(client_id.clone()),
         });
+    }
+
+    /// Subscribe `session` to `filter` (which may be `$share/...`): the session's own map and
+    /// the router's entry always change together. True if the session had that filter already
+    /// (its options are replaced).
+    pub fn subscribe(&self, session: &mut Session, filter: String, sub: Subscription) -> bool {
+        self.router.subscribe(
+            &session.client_id,
+            &filter,
+            SubEntry {
+                mailbox: session.mailbox.clone(),
+                sub,
+            },
+        );
+        session.subscriptions.insert(filter, sub).is_some()
+    }
+
+    /// Remove `session`'s subscription to `filter`; false if it had none.
+    pub fn unsubscribe(&self, session: &mut Session, filter: &str) -> bool {
+        if session.subscriptions.remove(filter).is_none() {
+            return false;
+        }
+        self.router
+            .unsubscribe(&session.client_id, filter, &session.mailbox);
+        true
     }
 
     /// A session's lifetime is over: publish a will still waiting for its delay (the session

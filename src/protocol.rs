@@ -20,7 +20,6 @@ use crate::packet::{
     Ack, Connect, Packet, ProtocolVersion, Publish, QoS, ReasonCode, RetainHandling, SubAck,
     Subscribe, UnsubAck, Unsubscribe, Will,
 };
-use crate::router::SubEntry;
 use crate::session::{InboundQos2, Session, Subscription};
 use crate::stats::Stats;
 use crate::topic;
@@ -473,18 +472,7 @@ impl Conn {
                 continue;
             }
             let subscription = Subscription::from_request(f, sub.subscription_identifier);
-            let existed = s
-                .subscriptions
-                .insert(filter.to_string(), subscription)
-                .is_some();
-            self.broker.router.subscribe(
-                &self.client_id,
-                filter,
-                SubEntry {
-                    mailbox: s.mailbox.clone(),
-                    sub: subscription,
-                },
-            );
+            let existed = self.broker.subscribe(s, filter.to_string(), subscription);
             reasons.push(ReasonCode(subscription.qos as u8));
             // No retained messages for shared subscriptions (section 4.8.2).
             let send_retained = !shared
@@ -536,10 +524,7 @@ impl Conn {
             .filters
             .iter()
             .map(|filter| {
-                if s.subscriptions.remove(filter).is_some() {
-                    self.broker
-                        .router
-                        .unsubscribe(&self.client_id, filter, &s.mailbox);
+                if self.broker.unsubscribe(s, filter) {
                     ReasonCode::SUCCESS
                 } else {
                     ReasonCode::NO_SUBSCRIPTION_EXISTED

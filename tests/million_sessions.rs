@@ -14,7 +14,6 @@ use tether::broker::Broker;
 use tether::config::Config;
 use tether::mailbox::Mailbox;
 use tether::packet::{ProtocolVersion, QoS, RetainHandling};
-use tether::router::SubEntry;
 use tether::session::Subscription;
 use tether::shutdown::Shutdown;
 use tether::stats::Stats;
@@ -106,15 +105,7 @@ async fn a_million_parked_sessions_all_expire_on_time_and_are_freed() {
         let client_id: Arc<str> = format!("c{i}").into();
         let mut session = broker.new_session(client_id.clone(), ProtocolVersion::V5, expiry_of(i));
         let filter = filter_of(i);
-        broker.router.subscribe(
-            &client_id,
-            &filter,
-            SubEntry {
-                mailbox: session.mailbox.clone(),
-                sub,
-            },
-        );
-        session.subscriptions.insert(filter, sub);
+        broker.subscribe(&mut session, filter, sub);
         if i % SAMPLE_EVERY == 0 {
             samples.push((
                 i,

@@ -8,7 +8,6 @@ use tracing::{debug, info};
 use crate::broker::Broker;
 use crate::packet::Will;
 use crate::registry::Parked;
-use crate::router::SubEntry;
 use crate::session::{Inflight, Session, EXPIRY_NEVER};
 use crate::stats::Stats;
 
@@ -123,15 +122,7 @@ pub fn restore(broker: &Arc<Broker>, state: State, last_write: u64) -> Restored 
         let mut session =
             broker.new_session(client_id.clone(), meta.protocol, meta.expiry_interval);
         for (filter, sub) in meta.subscriptions {
-            broker.router.subscribe(
-                &client_id,
-                &filter,
-                SubEntry {
-                    mailbox: session.mailbox.clone(),
-                    sub,
-                },
-            );
-            session.subscriptions.insert(filter, sub);
+            broker.subscribe(&mut session, filter, sub);
         }
         for id in &stored.inbound {
             session.restore_inbound(*id);
