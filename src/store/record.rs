@@ -74,10 +74,12 @@ pub fn parse_header(b: &[u8]) -> Result<FileKind, HeaderError> {
     }
 }
 
-/// CRC-32 (IEEE 802.3, reflected), table driven; a dependency for 30 lines is not worth it.
+/// CRC-32 (IEEE 802.3, reflected), slicing-by-8: eight table lookups per 8 bytes instead of
+/// one per byte, since every record of the write-before-ack path is checksummed on a
+/// connection's thread. A dependency for 40 lines is not worth it.
 pub fn crc32(data: &[u8]) -> u32 {
-    const fn table() -> [u32; 256] {
-        let mut t = [0u32; 256];
+    const fn tables() -> [[u32; 256]; 8] {
+        let mut t = [[0u32; 256]; 8];
         let mut i = 0;
         while i < 256 {
             let mut c = i as u32;
@@ -90,15 +92,38 @@ pub fn crc32(data: &[u8]) -> u32 {
                 };
                 k += 1;
             }
-            t[i] = c;
+            t[0][i] = c;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 256 {
+            let mut j = 1;
+            while j < 8 {
+                let prev = t[j - 1][i];
+                t[j][i] = (prev >> 8) ^ t[0][(prev & 0xFF) as usize];
+                j += 1;
+            }
             i += 1;
         }
         t
     }
-    static TABLE: [u32; 256] = table();
+    static T: [[u32; 256]; 8] = tables();
     let mut c = !0u32;
-    for &b in data {
-        c = TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
+    let mut chunks = data.chunks_exact(8);
+    for b in &mut chunks {
+        let lo = c ^ u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let hi = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        c = T[7][(lo & 0xFF) as usize]
+            ^ T[6][((lo >> 8) & 0xFF) as usize]
+            ^ T[5][((lo >> 16) & 0xFF) as usize]
+            ^ T[4][(lo >> 24) as usize]
+            ^ T[3][(hi & 0xFF) as usize]
+            ^ T[2][((hi >> 8) & 0xFF) as usize]
+            ^ T[1][((hi >> 16) & 0xFF) as usize]
+            ^ T[0][(hi >> 24) as usize];
+    }
+    for &b in chunks.remainder() {
+        c = T[0][((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
     }
     !c
 }
@@ -723,6 +748,28 @@ mod tests {
     #[test]
     fn crc32_matches_the_standard_check_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        // The sliced loop agrees with the plain bytewise definition at every length and
+        // alignment of the 8-byte chunks.
+        let bytewise = |data: &[u8]| {
+            let mut c = !0u32;
+            for &b in data {
+                c ^= u32::from(b);
+                for _ in 0..8 {
+                    c = if c & 1 != 0 {
+                        0xEDB8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
+                }
+            }
+            !c
+        };
+        let data: Vec<u8> = (0..100u32).map(|i| (i * 37 + 11) as u8).collect();
+        for start in 0..8 {
+            for end in start..data.len() {
+                assert_eq!(crc32(&data[start..end]), bytewise(&data[start..end]));
+            }
+        }
     }
 
     /// Varint edges: 0, the one- and two-byte boundary, and the largest values.
