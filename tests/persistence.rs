@@ -194,6 +194,26 @@ fn session_expiry_counts_downtime() {
     });
 }
 
+/// A persistent "watcher" subscribes to `wills/#` and leaves; then a client "dying" with a
+/// persistent session and a will (delay `will_delay` seconds) is still connected when the
+/// broker is SIGKILLed.
+fn crash_with_will_connected(rt: &tokio::runtime::Runtime, b: &mut Broker, will_delay: u32) {
+    rt.block_on(async {
+        let mut w = v5(b, "watcher", true, 600, false).await;
+        w.sub_v5(1, "wills/#", QoS::AtLeastOnce).await;
+        w.disconnect_v5(ReasonCode::SUCCESS, None).await;
+        let mut c = Raw::connect(addr(b)).await;
+        c.version = ProtocolVersion::V5;
+        let mut connect = v5_connect_expiry("dying", true, Some(600));
+        connect.will = Some(common::v5_will("wills/dying", b"gone", will_delay));
+        c.send_packet(&Packet::Connect(Box::new(connect))).await;
+        c.recv_connack().await;
+        // `c` stays connected until the broker dies.
+        b.proc.kill();
+        drop(c);
+    });
+}
+
 /// A client connected when the broker dies counts as disconnected then: its will (delay 2 s)
 /// goes out 2 s after the crash, not at restart, and reaches a persistent subscriber.
 #[test]
@@ -201,20 +221,7 @@ fn will_delay_runs_across_a_restart() {
     let dir = Dir::new("will");
     let rt = rt();
     let mut b = Broker::start_with(&["-d", dir.arg()]);
-    rt.block_on(async {
-        let mut w = v5(&b, "watcher", true, 600, false).await;
-        w.sub_v5(1, "wills/#", QoS::AtLeastOnce).await;
-        w.disconnect_v5(ReasonCode::SUCCESS, None).await;
-        let mut c = Raw::connect(addr(&b)).await;
-        c.version = ProtocolVersion::V5;
-        let mut connect = v5_connect_expiry("dying", true, Some(600));
-        connect.will = Some(common::v5_will("wills/dying", b"gone", 2));
-        c.send_packet(&Packet::Connect(Box::new(connect))).await;
-        c.recv_connack().await;
-        // `c` stays connected until the broker dies.
-        b.proc.kill();
-        drop(c);
-    });
+    crash_with_will_connected(&rt, &mut b, 2);
     let killed = Instant::now();
     let b2 = Broker::start_with(&["-d", dir.arg()]);
     b2.wait_log(&["sessions restored"], bin_support::WAIT);
@@ -240,19 +247,7 @@ fn will_published_by_recovery_is_not_published_again() {
     let dir = Dir::new("will-once");
     let rt = rt();
     let mut b = Broker::start_with(&["-d", dir.arg()]);
-    rt.block_on(async {
-        let mut w = v5(&b, "watcher", true, 600, false).await;
-        w.sub_v5(1, "wills/#", QoS::AtLeastOnce).await;
-        w.disconnect_v5(ReasonCode::SUCCESS, None).await;
-        let mut c = Raw::connect(addr(&b)).await;
-        c.version = ProtocolVersion::V5;
-        let mut connect = v5_connect_expiry("dying", true, Some(600));
-        connect.will = Some(common::v5_will("wills/dying", b"gone", 0));
-        c.send_packet(&Packet::Connect(Box::new(connect))).await;
-        c.recv_connack().await;
-        b.proc.kill();
-        drop(c);
-    });
+    crash_with_will_connected(&rt, &mut b, 0);
     let mut b2 = Broker::start_with(&["-d", dir.arg()]);
     b2.wait_log(&["sessions restored"], bin_support::WAIT);
     rt.block_on(async {
