@@ -3,7 +3,7 @@
 //! persistence on (its other settings at their defaults), side by side.
 //!
 //! Workload: `SUBS` persistent subscribers (3.1.1, Clean Session 0, QoS 1 on `bench/#`,
-//! acknowledging every PUBLISH) and one publisher pipelining `MESSAGES` QoS 1 PUBLISHes of 64
+//! acknowledging every PUBLISH) and one publisher pipelining `MESSAGES` (environment; default 200,000) QoS 1 PUBLISHes of 64
 //! bytes with up to a window (`WINDOWS`) unacknowledged. Measured: from the first PUBLISH until the last
 //! PUBACK reached the publisher and every subscriber received every message.
 //!
@@ -17,7 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SUBS: usize = 4;
-const MESSAGES: usize = 50_000;
+/// Messages per run (`MESSAGES` in the environment overrides it).
+const DEFAULT_MESSAGES: usize = 200_000;
 /// Publisher windows measured: group commit can only share an fsync among the messages in
 /// flight, so a small window measures fsync latency and a large one throughput.
 const WINDOWS: [usize; 2] = [100, 1000];
@@ -49,7 +50,8 @@ fn main() {
 
 /// One table: tether with persistence on and off, and Mosquitto, at one publisher window.
 fn measure(tether: &str, base: &std::path::Path, window: usize) {
-    println!("{SUBS} persistent QoS 1 subscribers, {MESSAGES} QoS 1 messages of {PAYLOAD} B, publisher window {window}");
+    let n = messages();
+    println!("{SUBS} persistent QoS 1 subscribers, {n} QoS 1 messages of {PAYLOAD} B, publisher window {window}");
     println!("| broker | messages/s (publisher acked, all delivered) |");
     println!("| --- | --- |");
     let mut results = Vec::new();
@@ -57,6 +59,9 @@ fn measure(tether: &str, base: &std::path::Path, window: usize) {
         ("tether, persistence on (fsync always)", true),
         ("tether, persistence off", false),
     ] {
+        if !wanted(if persist { "on" } else { "off" }) {
+            continue;
+        }
         let port = free_port();
         let dir = base.join(if persist { "on" } else { "off" });
         let cfg = base.join(format!("{}.toml", if persist { "on" } else { "off" }));
@@ -78,9 +83,9 @@ fn measure(tether: &str, base: &std::path::Path, window: usize) {
             .spawn()
             .unwrap_or_else(|e| panic!("{tether}: {e}"));
         let rate = run(name, port, child, window);
-        results.push((name, rate));
+        results.push((persist, rate));
     }
-    if std::path::Path::new("/usr/sbin/mosquitto").exists() {
+    if wanted("mosquitto") && std::path::Path::new("/usr/sbin/mosquitto").exists() {
         let port = free_port();
         let dir = base.join("mosquitto");
         std::fs::create_dir_all(&dir).expect("dir");
@@ -102,12 +107,24 @@ fn measure(tether: &str, base: &std::path::Path, window: usize) {
             .stderr(Stdio::null())
             .spawn()
             .expect("mosquitto");
-        let rate = run("mosquitto", port, child, window);
-        results.push(("mosquitto 2, persistence true", rate));
+        run("mosquitto 2, persistence true", port, child, window);
     }
-    if let [(_, on), (_, off), ..] = results[..] {
+    if let [(true, on), (false, off)] = results[..] {
         println!("\npersistence on / off: {:.0}%\n", on / off * 100.0);
     }
+}
+
+/// Messages per run.
+fn messages() -> usize {
+    std::env::var("MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_MESSAGES)
+}
+
+/// Whether broker `name` (`on`, `off`, `mosquitto`) is measured: all unless `ONLY` lists some.
+fn wanted(name: &str) -> bool {
+    std::env::var("ONLY").map_or(true, |v| v.split(',').any(|x| x == name))
 }
 
 fn free_port() -> u16 {
@@ -216,6 +233,7 @@ fn read_packet(s: &mut TcpStream, buf: &mut Buf) -> (u8, Vec<u8>) {
 }
 
 fn run(name: &str, port: u16, mut child: Child, window: usize) -> f64 {
+    let n = messages();
     // Subscribers: persistent sessions, subscribed, then reading and acknowledging.
     let mut subs = Vec::new();
     for i in 0..SUBS {
@@ -233,7 +251,7 @@ fn run(name: &str, port: u16, mut child: Child, window: usize) -> f64 {
         subs.push(std::thread::spawn(move || {
             let mut got = 0;
             let mut acks = Vec::new();
-            while got < MESSAGES {
+            while got < n {
                 let (first, body) = read_packet(&mut s, &mut buf);
                 if first & 0xF0 == 0x30 {
                     got += 1;
@@ -258,7 +276,7 @@ fn run(name: &str, port: u16, mut child: Child, window: usize) -> f64 {
     let (tx, rx) = std::sync::mpsc::sync_channel::<()>(window);
     let started = Instant::now();
     let acks = std::thread::spawn(move || {
-        for _ in 0..MESSAGES {
+        for _ in 0..n {
             let (first, _) = read_packet(&mut reader, &mut buf);
             assert_eq!(first, 0x40, "expected PUBACK");
             let _ = rx.recv();
@@ -268,7 +286,7 @@ fn run(name: &str, port: u16, mut child: Child, window: usize) -> f64 {
     // PUBLISHes are written in batches: as many as the window admits right now (up to 64),
     // then one write; the batch is flushed before blocking on a full window.
     let mut batch = Vec::new();
-    for i in 0..MESSAGES {
+    for i in 0..n {
         if tx.try_send(()).is_err() {
             p.write_all(&batch).expect("publish");
             batch.clear();
@@ -287,11 +305,14 @@ fn run(name: &str, port: u16, mut child: Child, window: usize) -> f64 {
     }
     p.write_all(&batch).expect("publish");
     acks.join().expect("acks");
+    if std::env::var_os("TIMES").is_some() {
+        eprintln!("  publisher acked all after {:?}", started.elapsed());
+    }
     for s in subs {
         s.join().expect("subscriber");
     }
     let secs = started.elapsed().as_secs_f64();
-    let rate = MESSAGES as f64 / secs;
+    let rate = n as f64 / secs;
     println!("| {name} | {rate:.0} |");
     let _ = child.kill();
     let _ = child.wait();
