@@ -64,6 +64,8 @@ fn measure(tether: &str, base: &std::path::Path, window: usize) {
         }
         let port = free_port();
         let dir = base.join(if persist { "on" } else { "off" });
+        // Every run starts empty: no recovery of the last run's log.
+        let _ = std::fs::remove_dir_all(&dir);
         let cfg = base.join(format!("{}.toml", if persist { "on" } else { "off" }));
         std::fs::write(
             &cfg,
@@ -120,6 +122,15 @@ fn messages() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(DEFAULT_MESSAGES)
+}
+
+/// Publisher connections (`PUBLISHERS` in the environment; default 1), sharing the messages.
+fn publishers() -> usize {
+    std::env::var("PUBLISHERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&p| p > 0)
+        .unwrap_or(1)
 }
 
 /// Whether broker `name` (`on`, `off`, `mosquitto`) is measured: all unless `ONLY` lists some.
@@ -232,6 +243,43 @@ fn read_packet(s: &mut TcpStream, buf: &mut Buf) -> (u8, Vec<u8>) {
     }
 }
 
+/// Send `count` QoS 1 PUBLISHes on `p`, at most `window` unacknowledged, and read every
+/// PUBACK.
+fn publish(mut p: TcpStream, mut buf: Buf, count: usize, window: usize) {
+    let mut reader = p.try_clone().expect("clone");
+    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(window);
+    let acks = std::thread::spawn(move || {
+        for _ in 0..count {
+            let (first, _) = read_packet(&mut reader, &mut buf);
+            assert_eq!(first, 0x40, "expected PUBACK");
+            let _ = rx.recv();
+        }
+    });
+    let payload = vec![b'x'; PAYLOAD];
+    // PUBLISHes are written in batches: as many as the window admits right now (up to 64),
+    // then one write; the batch is flushed before blocking on a full window.
+    let mut batch = Vec::new();
+    for i in 0..count {
+        if tx.try_send(()).is_err() {
+            p.write_all(&batch).expect("publish");
+            batch.clear();
+            tx.send(()).expect("window");
+        }
+        let mut body = Vec::with_capacity(PAYLOAD + 16);
+        body.extend_from_slice(&(7u16).to_be_bytes());
+        body.extend_from_slice(b"bench/t");
+        body.extend_from_slice(&((i % 65535) as u16 + 1).to_be_bytes());
+        body.extend_from_slice(&payload);
+        batch.extend_from_slice(&frame(0x32, &body));
+        if batch.len() >= 64 * (PAYLOAD + 16) {
+            p.write_all(&batch).expect("publish");
+            batch.clear();
+        }
+    }
+    p.write_all(&batch).expect("publish");
+    acks.join().expect("acks");
+}
+
 fn run(name: &str, port: u16, mut child: Child, window: usize) -> f64 {
     let n = messages();
     // Subscribers: persistent sessions, subscribed, then reading and acknowledging.
@@ -267,46 +315,31 @@ fn run(name: &str, port: u16, mut child: Child, window: usize) -> f64 {
             }
         }));
     }
-    let mut p = connect(port);
-    let mut buf = Buf::default();
-    p.write_all(&connect_packet("bench-pub", true))
-        .expect("write");
-    read_packet(&mut p, &mut buf);
-    let mut reader = p.try_clone().expect("clone");
-    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(window);
+    // Publishers: connected first, then all started together.
+    let publishers = publishers();
+    let go = std::sync::Arc::new(std::sync::Barrier::new(publishers + 1));
+    let pubs: Vec<_> = (0..publishers)
+        .map(|k| {
+            let count = n / publishers + usize::from(k < n % publishers);
+            let go = go.clone();
+            let mut p = connect(port);
+            let mut buf = Buf::default();
+            p.write_all(&connect_packet(&format!("bench-pub-{k}"), true))
+                .expect("write");
+            read_packet(&mut p, &mut buf);
+            std::thread::spawn(move || {
+                go.wait();
+                publish(p, buf, count, window)
+            })
+        })
+        .collect();
+    go.wait();
     let started = Instant::now();
-    let acks = std::thread::spawn(move || {
-        for _ in 0..n {
-            let (first, _) = read_packet(&mut reader, &mut buf);
-            assert_eq!(first, 0x40, "expected PUBACK");
-            let _ = rx.recv();
-        }
-    });
-    let payload = vec![b'x'; PAYLOAD];
-    // PUBLISHes are written in batches: as many as the window admits right now (up to 64),
-    // then one write; the batch is flushed before blocking on a full window.
-    let mut batch = Vec::new();
-    for i in 0..n {
-        if tx.try_send(()).is_err() {
-            p.write_all(&batch).expect("publish");
-            batch.clear();
-            tx.send(()).expect("window");
-        }
-        let mut body = Vec::with_capacity(PAYLOAD + 16);
-        body.extend_from_slice(&(7u16).to_be_bytes());
-        body.extend_from_slice(b"bench/t");
-        body.extend_from_slice(&((i % 65535) as u16 + 1).to_be_bytes());
-        body.extend_from_slice(&payload);
-        batch.extend_from_slice(&frame(0x32, &body));
-        if batch.len() >= 64 * (PAYLOAD + 16) {
-            p.write_all(&batch).expect("publish");
-            batch.clear();
-        }
+    for p in pubs {
+        p.join().expect("publisher");
     }
-    p.write_all(&batch).expect("publish");
-    acks.join().expect("acks");
     if std::env::var_os("TIMES").is_some() {
-        eprintln!("  publisher acked all after {:?}", started.elapsed());
+        eprintln!("  publishers acked all after {:?}", started.elapsed());
     }
     for s in subs {
         s.join().expect("subscriber");

@@ -492,6 +492,7 @@ pub async fn run_sys(broker: Arc<Broker>, interval: Duration, mut shutdown: Shut
                 properties: PublishProperties::default(),
                 expires_at: None,
                 publisher: None,
+                stored: Default::default(),
             });
         }
     }

@@ -151,6 +151,7 @@ impl Broker {
             properties: will.properties,
             expires_at,
             publisher: Some(client_id.clone()),
+            stored: Default::default(),
         });
     }
 

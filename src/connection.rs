@@ -503,8 +503,12 @@ async fn main_loop(
     let sleep = tokio::time::sleep(keep_alive.unwrap_or(Duration::from_secs(3600)));
     tokio::pin!(sleep);
     let (rd, mut wr) = stream.split();
+    let store = conn.broker.store.clone();
 
     loop {
+        // The records of this pass (one per PUBLISH sent, one per acknowledgement) reach the
+        // store together when it ends, before the task waits (see `Store::batch`).
+        let batch = store.as_deref().map(Store::batch);
         // Handle every complete packet buffered, but stop while the write buffer is over its
         // limit: what is left is handled once the client reads.
         let mut got_packet = false;
@@ -561,6 +565,7 @@ async fn main_loop(
         crate::store::take_sync_mark();
         conn.pump(session, Instant::now());
         held.mark(offset);
+        drop(batch);
 
         let room = conn.out.len() < max_write;
         // Back-pressure: while a subscriber queue this client published into is congested,

@@ -1,5 +1,6 @@
 //! The routed application message and a per-subscriber delivery of it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,6 +27,58 @@ pub struct Message {
     pub expires_at: Option<Instant>,
     /// Client ID of the publisher, for the No Local option; `None` for wills and system messages.
     pub publisher: Option<Arc<str>>,
+    /// Where the store wrote this message's record, so that every durable copy of it in the
+    /// same log segment refers to one record instead of repeating the payload.
+    pub stored: StoredAt,
+}
+
+/// The store's note of where a message's record is: its id and the log segment it is in
+/// (0, 0 = not written). Only the store reads or writes it, under its append lock, hence
+/// relaxed atomics rather than a lock of its own. A copy of a message is a new message to the
+/// store (its content may differ), and the note is no part of a message's value.
+#[derive(Default)]
+pub struct StoredAt {
+    id: AtomicU64,
+    segment: AtomicU64,
+}
+
+impl StoredAt {
+    /// The record id if the message was written to `segment`.
+    pub fn id_in(&self, segment: u64) -> Option<u64> {
+        let id = self.id.load(Ordering::Relaxed);
+        (id != 0 && self.segment.load(Ordering::Relaxed) == segment).then_some(id)
+    }
+
+    /// The message was written as record `id` in `segment`.
+    pub fn set(&self, id: u64, segment: u64) {
+        self.id.store(id, Ordering::Relaxed);
+        self.segment.store(segment, Ordering::Relaxed);
+    }
+}
+
+impl Clone for StoredAt {
+    fn clone(&self) -> StoredAt {
+        StoredAt::default()
+    }
+}
+
+impl PartialEq for StoredAt {
+    fn eq(&self, _: &StoredAt) -> bool {
+        true
+    }
+}
+
+impl Eq for StoredAt {}
+
+impl std::fmt::Debug for StoredAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "StoredAt({}@{})",
+            self.id.load(Ordering::Relaxed),
+            self.segment.load(Ordering::Relaxed)
+        )
+    }
 }
 
 impl Message {

@@ -423,6 +423,7 @@ impl Conn {
                 properties,
                 expires_at,
                 publisher: Some(self.client_id.clone()),
+                stored: Default::default(),
             },
             Some(&mut self.blocked),
         );

@@ -162,6 +162,7 @@ mod tests {
             properties: Default::default(),
             expires_at: None,
             publisher: None,
+            stored: Default::default(),
         })
     }
 

@@ -34,6 +34,7 @@ pub fn delivery(qos: QoS, payload: &'static [u8]) -> Delivery {
             properties: Default::default(),
             expires_at: None,
             publisher: None,
+            stored: Default::default(),
         }),
         qos,
         retain: false,

@@ -21,6 +21,8 @@
 pub mod record;
 pub mod recovery;
 pub mod state;
+#[cfg(test)]
+mod tests;
 
 use std::cell::Cell;
 use std::fs::{File, OpenOptions};
@@ -37,7 +39,7 @@ use tracing::{error, info, warn};
 use crate::message::Delivery;
 use crate::session::OutState;
 
-use record::{FileKind, Frame, HeaderError, Record, SessionMeta, HEADER_LEN};
+use record::{Block, FileKind, HeaderError, Record, SessionMeta, HEADER_LEN};
 use state::State;
 
 /// When the log is fsynced, and so what a crash of the machine (not just of tether) may lose.
@@ -107,8 +109,11 @@ pub struct Durable {
 thread_local! {
     /// Highest LSN appended with `sync = true` by this thread since the last `take_sync_mark`.
     static SYNC_MARK: Cell<u64> = const { Cell::new(0) };
-    /// Where `Store::append` encodes a record before copying it into the shared buffer.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Records appended without `sync` inside a `Store::batch` scope on this thread, not yet
+    /// in the shared buffer.
+    static LOCAL: std::cell::RefCell<Local> = const {
+        std::cell::RefCell::new(Local { depth: 0, store: std::ptr::null(), buf: Vec::new(), count: 0 })
+    };
 }
 
 /// The highest LSN this thread appended with `sync = true` since the last call (0 if none):
@@ -117,12 +122,59 @@ pub fn take_sync_mark() -> u64 {
     SYNC_MARK.with(|m| m.replace(0))
 }
 
+/// A thread's batch of records (see `Store::batch`).
+struct Local {
+    /// Nesting of `Batch` guards.
+    depth: u32,
+    /// The store of the outermost guard (only compared, never dereferenced).
+    store: *const Store,
+    /// Encoded records.
+    buf: Vec<u8>,
+    /// How many.
+    count: u64,
+}
+
+/// A scope in which this thread's appends without `sync` are collected and handed to the
+/// writer in one go when it ends (or before the next `sync` append, which keeps the log in
+/// the order of the appends). One connection's pass over its input (PUBACKs and PUBLISHes
+/// sent, each with a record) then takes the shared lock once instead of once per record.
+/// Must not be held across an `.await`: other tasks run on the thread meanwhile.
+pub struct Batch<'a> {
+    store: &'a Store,
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        let flush = LOCAL.with_borrow_mut(|l| {
+            l.depth -= 1;
+            l.depth == 0 && l.count > 0
+        });
+        if flush {
+            let mut p = self.store.shared.lock();
+            self.store.flush_local(&mut p);
+        }
+        LOCAL.with_borrow_mut(|l| {
+            if l.depth == 0 {
+                l.store = std::ptr::null();
+            }
+        });
+    }
+}
+
 #[derive(Debug, Default)]
 struct Pending {
-    /// Encoded frames not yet handed to the writer.
+    /// Blocks of encoded records not yet handed to the writer; their headers are filled in
+    /// by the writer (`record::seal_block`).
     buf: Vec<u8>,
+    /// Offsets in `buf` of its blocks' headers.
+    blocks: Vec<usize>,
     /// LSN of the last appended record.
     lsn: u64,
+    /// The log file that what is appended now will be written to: `Message` records are
+    /// shared only within one file (see `Record::Message`).
+    segment: u64,
+    /// The next `Message` record id.
+    next_message: u64,
     /// Ask the writer to fsync now and report (shutdown).
     flush: bool,
     /// Ask the writer to finish.
@@ -257,30 +309,36 @@ fn replay_file(path: &Path, state: &mut State) -> Result<(FileKind, u64, BadAt),
         }
     };
     let mut at = HEADER_LEN;
-    loop {
-        match record::next_frame(&data[at..]) {
-            Frame::End => return Ok((kind, at as u64, None)),
-            Frame::Bad(why) => return Ok((kind, at as u64, Some((at as u64, why.to_string())))),
-            Frame::Ok(payload, n) => match record::decode(payload) {
-                Ok(rec) => {
-                    state.apply(rec);
-                    at += n;
+    let result = loop {
+        match record::next_block(&data[at..]) {
+            Block::End => break Ok((kind, at as u64, None)),
+            Block::Bad(why) => break Ok((kind, at as u64, Some((at as u64, why.to_string())))),
+            Block::Ok(body, n) => {
+                for rec in record::records(body) {
+                    match rec.and_then(record::decode) {
+                        Ok(rec) => state.apply(rec),
+                        // The checksum holds, so this is no torn write: it is a record of a
+                        // format this build does not know (or a bug). Cutting here would
+                        // silently discard every acknowledged record after it, so refuse to
+                        // start instead.
+                        Err(e) => {
+                            return Err(StoreError::Format(
+                                path.to_path_buf(),
+                                format!(
+                                    "a record in the block at offset {at} passes its checksum \
+                                     but does not decode ({e}); refusing to start rather than \
+                                     drop what follows it"
+                                ),
+                            ))
+                        }
+                    }
                 }
-                // The checksum holds, so this is no torn write: it is a record of a format
-                // this build does not know (or a bug). Cutting here would silently discard
-                // every acknowledged record after it, so refuse to start instead.
-                Err(e) => {
-                    return Err(StoreError::Format(
-                        path.to_path_buf(),
-                        format!(
-                            "record at offset {at} passes its checksum but does not decode ({e}); \
-                             refusing to start rather than drop what follows it"
-                        ),
-                    ))
-                }
-            },
+                at += n;
+            }
         }
-    }
+    };
+    state.end_file();
+    result
 }
 
 /// Replay files `files` (the newest snapshot first) into a state.
@@ -331,6 +389,12 @@ impl Store {
         }
         let (state, bytes, bad) = replay(&files)?;
         let mut dropped = Vec::new();
+        if state.missing_messages > 0 {
+            dropped.push(format!(
+                "{} queued messages whose message record was missing",
+                state.missing_messages
+            ));
+        }
         if let Some((i, at, why)) = bad {
             // Keep the good prefix: cut the bad file there and set every later file aside.
             let (_, path) = &files[i];
@@ -378,7 +442,11 @@ impl Store {
 
         let (durable, _) = watch::channel(Durable::default());
         let shared = Arc::new(Shared {
-            pending: Mutex::new(Pending::default()),
+            pending: Mutex::new(Pending {
+                segment: next,
+                next_message: 1,
+                ..Pending::default()
+            }),
             wake: Condvar::new(),
             durable,
             failed: AtomicBool::new(false),
@@ -430,34 +498,118 @@ impl Store {
         self.incarnations.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Queue a record for the writer; returns its LSN. With `sync`, the calling thread's sync
-    /// mark is raised to it (see `take_sync_mark`).
-    pub fn append(&self, rec: &Record, sync: bool) -> u64 {
-        // Encoded outside the lock into a per-thread buffer: no allocation per record, and
-        // the lock is held only for a copy.
-        SCRATCH.with_borrow_mut(|frame| {
-            frame.clear();
-            record::encode_frame(rec, frame);
-            self.push_frame(frame, sync)
-        })
+    /// Start a `Batch` scope on this thread.
+    pub fn batch(&self) -> Batch<'_> {
+        LOCAL.with_borrow_mut(|l| {
+            if l.depth == 0 {
+                l.store = self;
+            }
+            l.depth += 1;
+        });
+        Batch { store: self }
     }
 
-    fn push_frame(&self, frame: &[u8], sync: bool) -> u64 {
-        let lsn = {
-            let mut p = self.shared.lock();
-            let was_empty = p.buf.is_empty();
-            p.buf.extend_from_slice(frame);
-            p.lsn += 1;
-            if was_empty {
-                // The writer sleeps only when it has nothing: one wake-up per batch.
-                self.shared.wake.notify_one();
+    /// Queue a record for the writer. With `sync`, the calling thread's sync mark is raised
+    /// to its LSN (see `take_sync_mark`); without, inside a `Batch` scope, it waits in the
+    /// scope's batch.
+    pub fn append(&self, rec: &Record, sync: bool) {
+        if !sync {
+            let batched = LOCAL.with_borrow_mut(|l| {
+                if l.depth == 0 || !std::ptr::eq(l.store, self) {
+                    return false;
+                }
+                record::encode_record(rec, &mut l.buf);
+                l.count += 1;
+                true
+            });
+            if batched {
+                return;
             }
-            p.lsn
-        };
+        }
+        let mut p = self.shared.lock();
+        self.flush_local(&mut p);
+        self.push(&mut p, rec);
+        let lsn = p.lsn;
+        drop(p);
         if sync {
             SYNC_MARK.with(|m| m.set(m.get().max(lsn)));
         }
-        lsn
+    }
+
+    /// Queue delivery `d` into the session `incarnation` as queue entry `d.seq`, preceded by
+    /// its message unless that was already written to the same file. The publisher's
+    /// acknowledgement waits for it (sync).
+    pub fn append_enqueue(&self, incarnation: u64, d: &Delivery) {
+        let mut p = self.shared.lock();
+        self.flush_local(&mut p);
+        let segment = p.segment;
+        let id = match d.msg.stored.id_in(segment) {
+            Some(id) => id,
+            None => {
+                let id = p.next_message;
+                p.next_message += 1;
+                d.msg.stored.set(id, segment);
+                self.push(
+                    &mut p,
+                    &Record::Message {
+                        id,
+                        msg: d.msg.clone(),
+                    },
+                );
+                id
+            }
+        };
+        self.push(
+            &mut p,
+            &Record::Enqueue {
+                incarnation,
+                seq: d.seq,
+                msg: id,
+                qos: d.qos,
+                retain: d.retain,
+                subscription_ids: d.subscription_ids.clone(),
+            },
+        );
+        let lsn = p.lsn;
+        drop(p);
+        SYNC_MARK.with(|m| m.set(m.get().max(lsn)));
+    }
+
+    /// Move this thread's batched records (if they are for this store) into the buffer,
+    /// ahead of whatever it appends next.
+    fn flush_local(&self, p: &mut Pending) {
+        LOCAL.with_borrow_mut(|l| {
+            if l.count == 0 || !std::ptr::eq(l.store, self) {
+                return;
+            }
+            self.open_block(p);
+            p.buf.extend_from_slice(&l.buf);
+            p.lsn += l.count;
+            l.buf.clear();
+            l.count = 0;
+        });
+    }
+
+    /// Make sure a block is open in the buffer that has room for more.
+    fn open_block(&self, p: &mut Pending) {
+        let open = p.blocks.last().copied();
+        if open.is_none_or(|at| p.buf.len() - at >= record::BLOCK_TARGET) {
+            if p.buf.is_empty() {
+                // The writer sleeps only when it has nothing: one wake-up per batch.
+                self.shared.wake.notify_one();
+            }
+            let at = record::open_block(&mut p.buf);
+            p.blocks.push(at);
+        }
+    }
+
+    /// Encode `rec` into the pending buffer. Records are encoded under the lock, straight
+    /// into the buffer: they are small, and one copy fewer than encoding outside costs less
+    /// than the lock is held.
+    fn push(&self, p: &mut Pending, rec: &Record) {
+        self.open_block(p);
+        record::encode_record(rec, &mut p.buf);
+        p.lsn += 1;
     }
 
     /// True while writes fail (disk full, I/O error): new QoS 1/2 messages must be refused.
@@ -534,7 +686,10 @@ fn new_segment(dir: &Path, n: u64) -> Result<File, StoreError> {
         .append(true)
         .open(&path)
         .map_err(io(&path))?;
-    f.write_all(&record::header(FileKind::Segment))
+    // Emptied first: a retry after a failed start of this file must not append a second
+    // header behind a partial one.
+    f.set_len(0)
+        .and_then(|_| f.write_all(&record::header(FileKind::Segment)))
         .and_then(|_| f.sync_data())
         .map_err(io(&path))?;
     Ok(f)
@@ -561,12 +716,17 @@ const RETRY: Duration = Duration::from_secs(1);
 impl Writer {
     fn run(&mut self) {
         let mut batch: Vec<u8> = Vec::new();
+        let mut blocks: Vec<usize> = Vec::new();
         let mut batch_lsn = 0u64;
         let mut unsynced = false;
         let mut last_sync = Instant::now();
         let mut failing = false;
+        // The active file must be closed and the next one started before anything more is
+        // written: records appended since the roll was decided refer to the next file.
+        let mut roll_due = false;
         loop {
             let closing;
+            let more;
             {
                 let mut p = self.shared.lock();
                 let tick = match self.cfg.fsync {
@@ -590,7 +750,7 @@ impl Writer {
                             .map(|r| r.0)
                             .unwrap_or_else(|e| e.into_inner().0);
                     }
-                } else if p.buf.is_empty() && !p.closing && !p.flush {
+                } else if p.buf.is_empty() && !p.closing && !p.flush && !roll_due {
                     p = match tick {
                         Some(t) => self
                             .shared
@@ -603,64 +763,76 @@ impl Writer {
                 }
                 closing = p.closing;
                 p.flush = false;
-                if batch.is_empty() {
+                // A failed batch is retried alone; new records wait for the next batch.
+                if batch.is_empty() && !roll_due && !p.buf.is_empty() {
                     std::mem::swap(&mut batch, &mut p.buf);
-                } else {
-                    // A failed batch is retried with whatever came since behind it.
-                    batch.extend_from_slice(&p.buf);
-                    p.buf.clear();
+                    std::mem::swap(&mut blocks, &mut p.blocks);
+                    batch_lsn = p.lsn;
+                    if self.len + batch.len() as u64 >= self.cfg.segment_bytes {
+                        // This batch closes the file; what is appended from now on goes to
+                        // the next one, where no message record is written yet.
+                        roll_due = true;
+                        p.segment = self.number + 1;
+                        p.next_message = 1;
+                    }
+                    // Checksums are computed here, off the connections' threads.
+                    for (i, &at) in blocks.iter().enumerate() {
+                        let end = blocks.get(i + 1).copied().unwrap_or(batch.len());
+                        record::seal_block(&mut batch, at, end);
+                    }
+                    blocks.clear();
                 }
-                batch_lsn = batch_lsn.max(p.lsn);
+                more = !p.buf.is_empty();
             }
             let sync_now = match self.cfg.fsync {
                 FsyncPolicy::Always => true,
                 FsyncPolicy::Interval => closing || last_sync.elapsed() >= self.cfg.fsync_interval,
                 FsyncPolicy::Never => closing,
             };
+            let mut result = Ok(());
             if !batch.is_empty() || (sync_now && unsynced) {
-                match self.write(&batch, sync_now) {
-                    Ok(()) => {
-                        if failing {
-                            info!("store writable again; accepting QoS 1/2 messages");
-                            failing = false;
-                            self.shared.failed.store(false, Ordering::Relaxed);
-                        }
-                        unsynced = !sync_now;
-                        if sync_now {
-                            last_sync = Instant::now();
-                        }
-                        batch.clear();
-                        self.shared.durable.send_replace(Durable {
-                            lsn: batch_lsn,
-                            failed: false,
-                        });
+                result = self.write(&batch, sync_now).map(|()| {
+                    unsynced = !sync_now;
+                    if sync_now {
+                        last_sync = Instant::now();
                     }
-                    Err(e) => {
-                        if !failing {
-                            error!(
-                                dir = %self.cfg.dir.display(),
-                                "store write failed: {e}; refusing QoS 1/2 messages until it \
-                                 succeeds again (retrying every {RETRY:?})"
-                            );
-                            failing = true;
-                            self.shared.failed.store(true, Ordering::Relaxed);
-                            self.shared.durable.send_modify(|d| d.failed = true);
-                        }
-                        if closing {
-                            error!("store closed with {} bytes not written", batch.len());
-                            return;
-                        }
-                        continue;
+                    batch.clear();
+                    self.shared.durable.send_replace(Durable {
+                        lsn: batch_lsn,
+                        failed: false,
+                    });
+                });
+            }
+            if result.is_ok() && batch.is_empty() && roll_due {
+                result = self.roll().map(|()| roll_due = false);
+            }
+            match result {
+                Ok(()) if failing => {
+                    info!("store writable again; accepting QoS 1/2 messages");
+                    failing = false;
+                    self.shared.failed.store(false, Ordering::Relaxed);
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    if !failing {
+                        error!(
+                            dir = %self.cfg.dir.display(),
+                            "store write failed: {e}; refusing QoS 1/2 messages until it \
+                             succeeds again (retrying every {RETRY:?})"
+                        );
+                        failing = true;
+                        self.shared.failed.store(true, Ordering::Relaxed);
+                        self.shared.durable.send_modify(|d| d.failed = true);
                     }
+                    if closing {
+                        error!("store closed with {} bytes not written", batch.len());
+                        return;
+                    }
+                    continue;
                 }
             }
-            if closing {
+            if closing && !more && batch.is_empty() && !roll_due {
                 return;
-            }
-            if self.len >= self.cfg.segment_bytes {
-                if let Err(e) = self.roll() {
-                    warn!("cannot start a new log segment: {e}; continuing in the current one");
-                }
             }
         }
     }
@@ -692,15 +864,18 @@ impl Writer {
 
     /// Close the active segment (fsynced), start the next, and compact if two or more closed
     /// files exist.
-    fn roll(&mut self) -> Result<(), StoreError> {
-        let path = self.cfg.dir.join(file_name(self.number));
-        self.file.sync_all().map_err(io(&path))?;
-        let next = new_segment(&self.cfg.dir, self.number + 1)?;
+    fn roll(&mut self) -> std::io::Result<()> {
+        self.file.sync_all()?;
+        let next = new_segment(&self.cfg.dir, self.number + 1).map_err(|e| match e {
+            StoreError::Io(_, e) => e,
+            other => std::io::Error::other(other.to_string()),
+        })?;
         sync_dir(&self.cfg.dir);
         self.file = next;
         let closed = self.number;
         self.number += 1;
         self.len = HEADER_LEN as u64;
+        self.torn = false;
         let files = {
             let mut s = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
             s.push(closed);
@@ -759,15 +934,25 @@ pub fn compact(dir: &Path, numbers: &[u64]) -> Result<(), StoreError> {
         ));
     }
     let tmp = dir.join(format!("{top:016}.tmp"));
-    let mut out = Vec::with_capacity(1 << 20);
+    let mut out = Vec::with_capacity(record::BLOCK_TARGET + 4096);
     out.extend_from_slice(&record::header(FileKind::Snapshot));
     let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    let mut at = record::open_block(&mut out);
     for rec in state.records() {
-        record::encode_frame(&rec, &mut out);
-        if out.len() >= 1 << 20 {
+        record::encode_record(&rec, &mut out);
+        if out.len() - at >= record::BLOCK_TARGET {
+            let end = out.len();
+            record::seal_block(&mut out, at, end);
             f.write_all(&out).map_err(io(&tmp))?;
             out.clear();
+            at = record::open_block(&mut out);
         }
+    }
+    let end = out.len();
+    if end == at + record::BLOCK_HEADER {
+        out.truncate(at);
+    } else {
+        record::seal_block(&mut out, at, end);
     }
     f.write_all(&out)
         .and_then(|_| f.sync_all())
@@ -816,15 +1001,7 @@ impl SessionLog {
 
     /// Message `d` entered the queue (the publisher's acknowledgement waits for it).
     pub fn enqueue(&self, d: &Delivery) {
-        self.store.append(
-            &Record::Enqueue {
-                client_id: self.client_id.clone(),
-                incarnation: self.incarnation,
-                seq: d.seq,
-                delivery: d.clone(),
-            },
-            true,
-        );
+        self.store.append_enqueue(self.incarnation, d);
     }
 
     /// Queue entry `seq` is in flight as `packet_id` in `state`. `sync`: the packet that
@@ -832,7 +1009,6 @@ impl SessionLog {
     pub fn sent(&self, seq: u64, packet_id: u16, state: OutState, sync: bool) {
         self.store.append(
             &Record::Sent {
-                client_id: self.client_id.clone(),
                 incarnation: self.incarnation,
                 seq,
                 packet_id,
@@ -847,7 +1023,6 @@ impl SessionLog {
     pub fn done(&self, seq: u64) {
         self.store.append(
             &Record::Done {
-                client_id: self.client_id.clone(),
                 incarnation: self.incarnation,
                 seq,
             },
@@ -860,7 +1035,6 @@ impl SessionLog {
     pub fn inbound(&self, packet_id: u16, added: bool) {
         self.store.append(
             &Record::Inbound {
-                client_id: self.client_id.clone(),
                 incarnation: self.incarnation,
                 packet_id,
                 added,
@@ -871,14 +1045,13 @@ impl SessionLog {
 
     /// The session's metadata changed.
     pub fn meta(&self, meta: SessionMeta) {
-        self.store.append(&Record::Session(meta), true);
+        self.store.append(&Record::Session(Box::new(meta)), true);
     }
 
     /// The session ended.
     pub fn end(&self) {
         self.store.append(
             &Record::SessionEnd {
-                client_id: self.client_id.clone(),
                 incarnation: self.incarnation,
             },
             true,

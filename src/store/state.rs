@@ -34,16 +34,24 @@ pub struct StoredSession {
 pub struct State {
     /// Client ID -> session.
     pub sessions: HashMap<Arc<str>, StoredSession>,
+    /// Incarnation -> Client ID of the sessions in `sessions`.
+    incarnations: HashMap<u64, Arc<str>>,
+    /// `Message` records of the file being replayed (a file only refers to its own).
+    messages: HashMap<u64, Arc<Message>>,
     /// Topic -> retained message.
     pub retained: HashMap<String, Arc<Message>>,
     /// Highest session incarnation seen, so new ones never reuse a number.
     pub max_incarnation: u64,
     /// Records applied.
     pub records: u64,
+    /// `Enqueue` records whose message was not in their file (a writer bug; they are
+    /// skipped and reported rather than refusing to start).
+    pub missing_messages: u64,
 }
 
 impl State {
-    fn session(&mut self, client_id: &str, incarnation: u64) -> Option<&mut StoredSession> {
+    fn session(&mut self, incarnation: u64) -> Option<&mut StoredSession> {
+        let client_id = self.incarnations.get(&incarnation)?;
         self.sessions
             .get_mut(client_id)
             .filter(|s| s.meta.incarnation == incarnation)
@@ -54,10 +62,16 @@ impl State {
         self.records += 1;
         match rec {
             Record::Session(meta) => {
+                let meta = *meta;
                 self.max_incarnation = self.max_incarnation.max(meta.incarnation);
                 match self.sessions.get_mut(&meta.client_id) {
                     Some(s) if s.meta.incarnation == meta.incarnation => s.meta = meta,
-                    _ => {
+                    old => {
+                        if let Some(old) = old {
+                            self.incarnations.remove(&old.meta.incarnation);
+                        }
+                        self.incarnations
+                            .insert(meta.incarnation, meta.client_id.clone());
                         self.sessions.insert(
                             meta.client_id.clone(),
                             StoredSession {
@@ -69,60 +83,68 @@ impl State {
                     }
                 }
             }
-            Record::SessionEnd {
-                client_id,
-                incarnation,
-            } => {
-                if self.session(&client_id, incarnation).is_some() {
-                    self.sessions.remove(&client_id);
+            Record::SessionEnd { incarnation } => {
+                if self.session(incarnation).is_some() {
+                    if let Some(client_id) = self.incarnations.remove(&incarnation) {
+                        self.sessions.remove(&client_id);
+                    }
                 }
             }
+            Record::Message { id, msg } => {
+                self.messages.insert(id, msg);
+            }
             Record::Enqueue {
-                client_id,
                 incarnation,
                 seq,
-                delivery,
+                msg,
+                qos,
+                retain,
+                subscription_ids,
             } => {
-                if let Some(s) = self.session(&client_id, incarnation) {
+                let Some(message) = self.messages.get(&msg).cloned() else {
+                    self.missing_messages += 1;
+                    return;
+                };
+                if let Some(s) = self.session(incarnation) {
                     s.queue.insert(
                         seq,
                         Entry {
-                            delivery,
+                            delivery: Delivery {
+                                msg: message,
+                                qos,
+                                retain,
+                                subscription_ids,
+                                seq,
+                            },
                             sent: None,
                         },
                     );
                 }
             }
             Record::Sent {
-                client_id,
                 incarnation,
                 seq,
                 packet_id,
                 state,
             } => {
                 if let Some(e) = self
-                    .session(&client_id, incarnation)
+                    .session(incarnation)
                     .and_then(|s| s.queue.get_mut(&seq))
                 {
                     e.sent = Some((packet_id, state));
                 }
             }
-            Record::Done {
-                client_id,
-                incarnation,
-                seq,
-            } => {
-                if let Some(s) = self.session(&client_id, incarnation) {
+            Record::Done { incarnation, seq } => {
+                if let Some(s) = self.session(incarnation) {
                     s.queue.remove(&seq);
                 }
             }
             Record::Inbound {
-                client_id,
                 incarnation,
                 packet_id,
                 added,
             } => {
-                if let Some(s) = self.session(&client_id, incarnation) {
+                if let Some(s) = self.session(incarnation) {
                     if added {
                         s.inbound.insert(packet_id);
                     } else {
@@ -139,39 +161,54 @@ impl State {
         }
     }
 
+    /// The end of a file: later files never refer to its `Message` records, so only those
+    /// still queued somewhere are kept (by their entries).
+    pub fn end_file(&mut self) {
+        self.messages.clear();
+    }
+
     /// The records that rebuild this state, without what has expired: the content of a
     /// snapshot. Messages whose Message Expiry passed are left out (they could never be
-    /// delivered); sessions are kept, their expiry is the broker's to decide.
+    /// delivered); sessions are kept, their expiry is the broker's to decide. Each message is
+    /// written once, before the first entry that refers to it, numbered anew: ids are only
+    /// unique within the file that wrote them, and a snapshot merges several files.
     pub fn records(&self) -> impl Iterator<Item = Record> + '_ {
         let now = tokio::time::Instant::now();
+        let mut ids: HashMap<*const Message, u64> = HashMap::new();
         let sessions = self.sessions.values().flat_map(move |s| {
-            let c = &s.meta.client_id;
             let inc = s.meta.incarnation;
-            std::iter::once(Record::Session(s.meta.clone()))
-                .chain(
-                    s.queue
-                        .iter()
-                        // In-flight ones stay even when expired: the client may hold them.
-                        .filter(move |(_, e)| e.sent.is_some() || !e.delivery.msg.expired(now))
-                        .flat_map(move |(seq, e)| {
-                            let enq = Record::Enqueue {
-                                client_id: c.clone(),
-                                incarnation: inc,
-                                seq: *seq,
-                                delivery: e.delivery.clone(),
-                            };
-                            let sent = e.sent.map(|(packet_id, state)| Record::Sent {
-                                client_id: c.clone(),
-                                incarnation: inc,
-                                seq: *seq,
-                                packet_id,
-                                state,
-                            });
-                            std::iter::once(enq).chain(sent)
-                        }),
-                )
+            let queue: Vec<Record> = s
+                .queue
+                .iter()
+                // In-flight ones stay even when expired: the client may hold them.
+                .filter(|(_, e)| e.sent.is_some() || !e.delivery.msg.expired(now))
+                .flat_map(|(seq, e)| {
+                    let next = ids.len() as u64 + 1;
+                    let id = *ids.entry(Arc::as_ptr(&e.delivery.msg)).or_insert(next);
+                    let msg = (id == next).then(|| Record::Message {
+                        id,
+                        msg: e.delivery.msg.clone(),
+                    });
+                    let enq = Record::Enqueue {
+                        incarnation: inc,
+                        seq: *seq,
+                        msg: id,
+                        qos: e.delivery.qos,
+                        retain: e.delivery.retain,
+                        subscription_ids: e.delivery.subscription_ids.clone(),
+                    };
+                    let sent = e.sent.map(|(packet_id, state)| Record::Sent {
+                        incarnation: inc,
+                        seq: *seq,
+                        packet_id,
+                        state,
+                    });
+                    msg.into_iter().chain(std::iter::once(enq)).chain(sent)
+                })
+                .collect();
+            std::iter::once(Record::Session(Box::new(s.meta.clone())))
+                .chain(queue)
                 .chain(s.inbound.iter().map(move |p| Record::Inbound {
-                    client_id: c.clone(),
                     incarnation: inc,
                     packet_id: *p,
                     added: true,

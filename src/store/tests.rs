@@ -1,0 +1,271 @@
+//! The store on a real directory: how `Message` records are shared within a log file and
+//! written again in the next one, and that compaction and recovery keep every queued message.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::record::{self, Block, FileKind, Record, SessionMeta};
+use super::{FsyncPolicy, Opened, SessionLog, Store, StoreConfig};
+use crate::message::{Delivery, Message};
+use crate::packet::{ProtocolVersion, QoS};
+use crate::testutil::delivery;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        TempDir(
+            std::env::temp_dir().join(format!("tether-store-{tag}-{}-{nanos}", std::process::id())),
+        )
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn open(dir: &Path) -> Opened {
+    Store::open(StoreConfig {
+        dir: dir.to_path_buf(),
+        fsync: FsyncPolicy::Never,
+        fsync_interval: Duration::from_millis(100),
+        segment_bytes: 4096,
+    })
+    .expect("open")
+}
+
+fn session(store: &Arc<Store>, id: &str) -> SessionLog {
+    let log = SessionLog::new(store.clone(), id.into());
+    log.meta(SessionMeta {
+        client_id: id.into(),
+        incarnation: log.incarnation,
+        protocol: ProtocolVersion::V311,
+        expiry_interval: 3600,
+        disconnected_at: Some(1),
+        will: None,
+        subscriptions: vec![],
+    });
+    log
+}
+
+fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Every record of every log file in `dir`, by file number and kind.
+fn files(dir: &Path) -> Vec<(u64, FileKind, Vec<Record>)> {
+    let mut out = Vec::new();
+    for (n, path) in super::list(dir).expect("list") {
+        let data = std::fs::read(path).expect("read");
+        let kind = record::parse_header(&data).expect("header");
+        let mut recs = Vec::new();
+        let mut at = record::HEADER_LEN;
+        while let Block::Ok(body, len) = record::next_block(&data[at..]) {
+            for r in record::records(body) {
+                recs.push(record::decode(r.expect("record")).expect("decode"));
+            }
+            at += len;
+        }
+        out.push((n, kind, recs));
+    }
+    out
+}
+
+fn message_records(recs: &[Record]) -> usize {
+    recs.iter()
+        .filter(|r| matches!(r, Record::Message { .. }))
+        .count()
+}
+
+/// Appends small records until the writer has started a new file.
+fn roll(store: &Arc<Store>, dir: &Path, filler: &SessionLog) {
+    let before = super::list(dir).expect("list").len();
+    let mut seq = 1_000_000;
+    until("a new log file", || {
+        for _ in 0..100 {
+            filler.done(seq);
+            seq += 1;
+        }
+        let lsn = synced(store);
+        until("durable", || store.durable_lsn() >= lsn);
+        super::list(dir).expect("list").len() > before
+            || files(dir).iter().any(|f| f.1 == FileKind::Snapshot)
+    });
+}
+
+/// Appends a record with `sync` and returns its LSN.
+fn synced(store: &Store) -> u64 {
+    super::take_sync_mark();
+    store.append(&Record::RetainDel("x".into()), true);
+    super::take_sync_mark()
+}
+
+fn queued(d: &Delivery, seq: u64) -> Delivery {
+    Delivery { seq, ..d.clone() }
+}
+
+#[test]
+fn a_message_is_written_once_per_file_and_survives_compaction() {
+    let dir = TempDir::new("shared");
+    let opened = open(&dir.0);
+    let store = opened.store;
+    let (a, b, c) = (
+        session(&store, "a"),
+        session(&store, "b"),
+        session(&store, "c"),
+    );
+    let filler = session(&store, "filler");
+    let d = Delivery {
+        msg: Arc::new(Message {
+            payload: Bytes::from(vec![b'p'; 200]),
+            ..(*delivery(QoS::AtLeastOnce, b"").msg).clone()
+        }),
+        ..delivery(QoS::AtLeastOnce, b"")
+    };
+    // Two sessions in one file: one message record, two entries referring to it.
+    a.enqueue(&queued(&d, 1));
+    b.enqueue(&queued(&d, 1));
+    roll(&store, &dir.0, &filler);
+    // The same message in the next file is written there again.
+    c.enqueue(&queued(&d, 1));
+    let lsn = synced(&store);
+    until("durable", || store.durable_lsn() >= lsn);
+    let logs = files(&dir.0);
+    assert_eq!(message_records(&logs[0].2), 1, "{:?}", logs[0].2);
+    assert_eq!(message_records(&logs[1].2), 1, "{:?}", logs[1].2);
+
+    // a and b finish; more files make the writer compact the closed ones into a snapshot,
+    // which keeps only c's entry (and its message).
+    a.done(1);
+    b.done(1);
+    for _ in 0..3 {
+        roll(&store, &dir.0, &filler);
+    }
+    until("a snapshot", || {
+        files(&dir.0).iter().any(|f| f.1 == FileKind::Snapshot)
+    });
+    store.close();
+    drop(store);
+
+    let reopened = open(&dir.0);
+    let s = &reopened.state.sessions;
+    assert!(s["a"].queue.is_empty() && s["b"].queue.is_empty());
+    let entry = &s["c"].queue[&1];
+    assert_eq!(entry.delivery.msg.payload, d.msg.payload);
+    assert_eq!(entry.delivery.qos, QoS::AtLeastOnce);
+    assert_eq!(reopened.state.missing_messages, 0);
+    assert!(reopened.dropped.is_empty(), "{:?}", reopened.dropped);
+}
+
+/// A snapshot numbers the messages it holds anew: two files may use the same id for
+/// different messages (ids restart in every file), and both must come back intact.
+#[test]
+fn snapshot_keeps_messages_of_equal_ids_from_different_files_apart() {
+    let dir = TempDir::new("ids");
+    let first = Delivery {
+        msg: Arc::new(Message {
+            payload: Bytes::from_static(b"first"),
+            ..(*delivery(QoS::AtLeastOnce, b"").msg).clone()
+        }),
+        ..delivery(QoS::AtLeastOnce, b"")
+    };
+    let second = Delivery {
+        msg: Arc::new(Message {
+            payload: Bytes::from_static(b"second"),
+            ..(*first.msg).clone()
+        }),
+        ..first.clone()
+    };
+    {
+        let store = open(&dir.0).store;
+        session(&store, "a").enqueue(&queued(&first, 1));
+        store.close();
+    }
+    {
+        // A restart writes to a new file, whose ids start again at 1.
+        let opened = open(&dir.0);
+        let store = opened.store;
+        let b = session(&store, "b");
+        b.enqueue(&queued(&second, 1));
+        let filler = session(&store, "filler");
+        for _ in 0..3 {
+            roll(&store, &dir.0, &filler);
+        }
+        until("a snapshot", || {
+            files(&dir.0).iter().any(|f| f.1 == FileKind::Snapshot)
+        });
+        store.close();
+    }
+    let state = open(&dir.0).state;
+    assert_eq!(
+        &state.sessions["a"].queue[&1].delivery.msg.payload[..],
+        b"first"
+    );
+    assert_eq!(
+        &state.sessions["b"].queue[&1].delivery.msg.payload[..],
+        b"second"
+    );
+}
+
+/// Inside a batch scope, appends without sync wait in the thread's batch; a sync append and
+/// the end of the scope hand them over, so the log keeps the order of the appends.
+#[test]
+fn a_batch_keeps_the_order_of_appends() {
+    let dir = TempDir::new("batch");
+    let store = open(&dir.0).store;
+    let a = session(&store, "a");
+    let before = synced(&store);
+    {
+        let _batch = store.batch();
+        a.done(1);
+        a.done(2);
+        until("durable", || store.durable_lsn() >= before);
+        assert_eq!(store.shared.lock().lsn, before, "batched, not yet appended");
+        a.inbound(5, true);
+        assert_eq!(store.shared.lock().lsn, before + 3);
+        a.done(3);
+    }
+    let lsn = synced(&store);
+    until("durable", || store.durable_lsn() >= lsn);
+    let recs: Vec<Record> = files(&dir.0).into_iter().flat_map(|f| f.2).collect();
+    let tail: Vec<&Record> = recs
+        .iter()
+        .filter(|r| !matches!(r, Record::Session(_) | Record::RetainDel(_)))
+        .collect();
+    let inc = a.incarnation;
+    assert_eq!(
+        tail,
+        [
+            &Record::Done {
+                incarnation: inc,
+                seq: 1
+            },
+            &Record::Done {
+                incarnation: inc,
+                seq: 2
+            },
+            &Record::Inbound {
+                incarnation: inc,
+                packet_id: 5,
+                added: true
+            },
+            &Record::Done {
+                incarnation: inc,
+                seq: 3
+            },
+        ]
+    );
+}
