@@ -578,16 +578,18 @@ impl Store {
     /// Move this thread's batched records (if they are for this store) into the buffer,
     /// ahead of whatever it appends next.
     fn flush_local(&self, p: &mut Pending) {
-        LOCAL.with_borrow_mut(|l| {
-            if l.count == 0 || !std::ptr::eq(l.store, self) {
-                return;
-            }
-            self.open_block(p);
-            p.buf.extend_from_slice(&l.buf);
-            p.lsn += l.count;
-            l.buf.clear();
-            l.count = 0;
-        });
+        let Some((mut buf, count)) = LOCAL.with_borrow_mut(|l| {
+            (l.count > 0 && std::ptr::eq(l.store, self))
+                .then(|| (std::mem::take(&mut l.buf), std::mem::take(&mut l.count)))
+        }) else {
+            return;
+        };
+        self.open_block(p);
+        p.buf.extend_from_slice(&buf);
+        p.lsn += count;
+        buf.clear();
+        // The buffer goes back for the next batch, keeping its capacity.
+        LOCAL.with_borrow_mut(|l| l.buf = buf);
     }
 
     /// Make sure a block is open in the buffer that has room for more.
@@ -595,7 +597,9 @@ impl Store {
         let open = p.blocks.last().copied();
         if open.is_none_or(|at| p.buf.len() - at >= record::BLOCK_TARGET) {
             if p.buf.is_empty() {
-                // The writer sleeps only when it has nothing: one wake-up per batch.
+                // The writer sleeps only when it has nothing: one wake-up per batch. It is
+                // woken at once, not at the end of a batch scope: measured, starting the
+                // fsync early gains as much as fewer, larger batches.
                 self.shared.wake.notify_one();
             }
             let at = record::open_block(&mut p.buf);

@@ -81,8 +81,9 @@ pub fn restore(broker: &Arc<Broker>, state: State, last_write: u64) -> Restored 
     }
     // Published once every session is back, so that they reach all of them.
     let mut due_wills = Vec::new();
-    for (client_id, stored) in state.sessions {
+    for stored in state.sessions.into_values() {
         let meta = stored.meta;
+        let client_id = meta.client_id.clone();
         let log = Arc::new(SessionLog {
             store: store.clone(),
             client_id: client_id.clone(),

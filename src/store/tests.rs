@@ -161,9 +161,9 @@ fn a_message_is_written_once_per_file_and_survives_compaction() {
     drop(store);
 
     let reopened = open(&dir.0);
-    let s = &reopened.state.sessions;
-    assert!(s["a"].queue.is_empty() && s["b"].queue.is_empty());
-    let entry = &s["c"].queue[&1];
+    let s = |id| reopened.state.by_client(id).expect("session");
+    assert!(s("a").queue.is_empty() && s("b").queue.is_empty());
+    let entry = &s("c").queue[&1];
     assert_eq!(entry.delivery.msg.payload, d.msg.payload);
     assert_eq!(entry.delivery.qos, QoS::AtLeastOnce);
     assert_eq!(reopened.state.missing_messages, 0);
@@ -211,11 +211,17 @@ fn snapshot_keeps_messages_of_equal_ids_from_different_files_apart() {
     }
     let state = open(&dir.0).state;
     assert_eq!(
-        &state.sessions["a"].queue[&1].delivery.msg.payload[..],
+        &state.by_client("a").expect("a").queue[&1]
+            .delivery
+            .msg
+            .payload[..],
         b"first"
     );
     assert_eq!(
-        &state.sessions["b"].queue[&1].delivery.msg.payload[..],
+        &state.by_client("b").expect("b").queue[&1]
+            .delivery
+            .msg
+            .payload[..],
         b"second"
     );
 }
@@ -268,4 +274,72 @@ fn a_batch_keeps_the_order_of_appends() {
             },
         ]
     );
+}
+
+fn meta(client_id: &str, incarnation: u64) -> Record {
+    Record::Session(Box::new(SessionMeta {
+        client_id: client_id.into(),
+        incarnation,
+        protocol: ProtocolVersion::V5,
+        expiry_interval: 60,
+        disconnected_at: None,
+        will: None,
+        subscriptions: vec![],
+    }))
+}
+
+fn enqueue(incarnation: u64, seq: u64, msg: u64) -> Record {
+    Record::Enqueue {
+        incarnation,
+        seq,
+        msg,
+        qos: QoS::ExactlyOnce,
+        retain: false,
+        subscription_ids: vec![3],
+    }
+}
+
+/// Replay follows sessions by incarnation: a new one replaces the Client ID's old session,
+/// records of the old one are ignored, and an entry whose message is not in its file is
+/// counted, not invented.
+#[test]
+fn replay_follows_incarnations() {
+    let mut st = super::state::State::default();
+    st.apply(meta("a", 1));
+    st.apply(Record::Message {
+        id: 1,
+        msg: delivery(QoS::ExactlyOnce, b"m").msg,
+    });
+    st.apply(enqueue(1, 1, 1));
+    assert_eq!(st.by_client("a").expect("a").queue.len(), 1);
+    st.apply(meta("a", 2));
+    st.apply(enqueue(1, 2, 1));
+    let a = st.by_client("a").expect("a");
+    assert_eq!(a.meta.incarnation, 2);
+    assert!(a.queue.is_empty(), "the new incarnation starts empty");
+    st.apply(enqueue(2, 7, 1));
+    st.apply(Record::Sent {
+        incarnation: 2,
+        seq: 7,
+        packet_id: 9,
+        state: crate::session::OutState::AwaitPubRec,
+    });
+    let e = &st.by_client("a").expect("a").queue[&7];
+    assert_eq!(e.sent, Some((9, crate::session::OutState::AwaitPubRec)));
+    assert_eq!(e.delivery.subscription_ids, [3]);
+    st.apply(Record::SessionEnd { incarnation: 1 });
+    assert!(
+        st.by_client("a").is_some(),
+        "an old incarnation's end is ignored"
+    );
+    st.apply(enqueue(2, 8, 42));
+    assert_eq!(st.missing_messages, 1);
+    st.end_file();
+    st.apply(enqueue(2, 9, 1));
+    assert_eq!(
+        st.missing_messages, 2,
+        "messages do not carry over to the next file"
+    );
+    st.apply(Record::SessionEnd { incarnation: 2 });
+    assert!(st.by_client("a").is_none() && st.sessions.is_empty());
 }
