@@ -315,8 +315,16 @@ fn replay_file(path: &Path, state: &mut State) -> Result<(FileKind, u64, BadAt),
             Block::Bad(why) => break Ok((kind, at as u64, Some((at as u64, why.to_string())))),
             Block::Ok(body, n) => {
                 for rec in record::records(body) {
-                    match rec.and_then(record::decode) {
-                        Ok(rec) => state.apply(rec),
+                    let rec = rec.and_then(|payload| match record::message_record(payload) {
+                        // Where the message is in `data`, for `State::end_file`.
+                        Some(m) => m.map(|(id, at)| {
+                            let start = payload.as_ptr() as usize - data.as_ptr() as usize + at;
+                            state.raw_message(id, start, start + payload.len() - at);
+                        }),
+                        None => record::decode(payload).map(|rec| state.apply(rec)),
+                    });
+                    match rec {
+                        Ok(()) => {}
                         // The checksum holds, so this is no torn write: it is a record of a
                         // format this build does not know (or a bug). Cutting here would
                         // silently discard every acknowledged record after it, so refuse to
@@ -337,7 +345,12 @@ fn replay_file(path: &Path, state: &mut State) -> Result<(FileKind, u64, BadAt),
             }
         }
     };
-    state.end_file();
+    if let Err(e) = state.end_file(&data) {
+        return Err(StoreError::Format(
+            path.to_path_buf(),
+            format!("a queued message passes its checksum but does not decode ({e})"),
+        ));
+    }
     result
 }
 

@@ -635,6 +635,26 @@ impl<'a> Rd<'a> {
     }
 }
 
+/// If `payload` is a `Message` record: its id and where its message starts in `payload`
+/// (replay decodes a message only if an entry still needs it at the end of its file).
+pub fn message_record(payload: &[u8]) -> Option<Result<(u64, usize), DecodeError>> {
+    if payload.first() != Some(&T_MESSAGE) {
+        return None;
+    }
+    let mut r = Rd { b: &payload[1..] };
+    Some(r.u64().map(|id| (id, payload.len() - r.b.len())))
+}
+
+/// Decode the message of a `Message` record (from the offset `message_record` gave).
+pub fn decode_message(b: &[u8]) -> Result<Message, DecodeError> {
+    let mut r = Rd { b };
+    let m = r.message()?;
+    if !r.b.is_empty() {
+        return Err(DecodeError("trailing bytes"));
+    }
+    Ok(m)
+}
+
 /// Decode one record payload (the CRC was checked by the caller).
 pub fn decode(payload: &[u8]) -> Result<Record, DecodeError> {
     let mut r = Rd { b: payload };

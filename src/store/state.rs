@@ -51,6 +51,33 @@ impl std::hash::Hasher for NumberHasher {
 
 type NumberMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<NumberHasher>>;
 
+/// A `Message` record met in the file being replayed.
+#[derive(Debug)]
+enum Slot {
+    /// Where its message is in the file's bytes (decoded only if still needed at the end).
+    Raw(usize, usize),
+    /// Decoded.
+    Decoded(Arc<Message>),
+}
+
+/// Stands for the message of an entry until its file ends (`State::end_file`).
+fn placeholder() -> Arc<Message> {
+    static P: std::sync::OnceLock<Arc<Message>> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        Arc::new(Message {
+            topic: String::new(),
+            payload: bytes::Bytes::new(),
+            qos: crate::packet::QoS::AtMostOnce,
+            retain: false,
+            properties: Default::default(),
+            expires_at: None,
+            publisher: None,
+            stored: Default::default(),
+        })
+    })
+    .clone()
+}
+
 /// Everything stored.
 #[derive(Debug, Default)]
 pub struct State {
@@ -59,7 +86,11 @@ pub struct State {
     /// Client ID -> incarnation of its session in `sessions`.
     clients: HashMap<Arc<str>, u64>,
     /// `Message` records of the file being replayed (a file only refers to its own).
-    messages: NumberMap<Arc<Message>>,
+    messages: NumberMap<Slot>,
+    /// Entries of the file being replayed whose message is not decoded yet: (incarnation,
+    /// seq, message id). Most are finished before their file ends, and their messages are
+    /// then never decoded.
+    undecoded: Vec<(u64, u64, u64)>,
     /// Topic -> retained message.
     pub retained: HashMap<String, Arc<Message>>,
     /// Highest session incarnation seen, so new ones never reuse a number.
@@ -114,7 +145,7 @@ impl State {
                 }
             }
             Record::Message { id, msg } => {
-                self.messages.insert(id, msg);
+                self.messages.insert(id, Slot::Decoded(msg));
             }
             Record::Enqueue {
                 incarnation,
@@ -124,10 +155,15 @@ impl State {
                 retain,
                 subscription_ids,
             } => {
-                let Some(message) = self.messages.get(&msg).cloned() else {
-                    self.missing_messages += 1;
-                    return;
+                let message = match self.messages.get(&msg) {
+                    None => {
+                        self.missing_messages += 1;
+                        return;
+                    }
+                    Some(Slot::Decoded(m)) => m.clone(),
+                    Some(Slot::Raw(..)) => placeholder(),
                 };
+                let lazy = Arc::ptr_eq(&message, &placeholder());
                 if let Some(s) = self.session(incarnation) {
                     s.queue.insert(
                         seq,
@@ -142,6 +178,9 @@ impl State {
                             sent: None,
                         },
                     );
+                    if lazy {
+                        self.undecoded.push((incarnation, seq, msg));
+                    }
                 }
             }
             Record::Sent {
@@ -184,10 +223,45 @@ impl State {
         }
     }
 
-    /// The end of a file: later files never refer to its `Message` records, so only those
-    /// still queued somewhere are kept (by their entries).
-    pub fn end_file(&mut self) {
+    /// A `Message` record `id` whose message is `data[start..end]` of the file being replayed.
+    pub fn raw_message(&mut self, id: u64, start: usize, end: usize) {
+        self.records += 1;
+        self.messages.insert(id, Slot::Raw(start, end));
+    }
+
+    /// The end of a file whose bytes are `data`: the messages of its entries still queued are
+    /// decoded, and the file's `Message` records forgotten (later files never refer to them).
+    pub fn end_file(&mut self, data: &[u8]) -> Result<(), super::record::DecodeError> {
+        let placeholder = placeholder();
+        let mut decoded: NumberMap<Arc<Message>> = NumberMap::default();
+        for (incarnation, seq, id) in std::mem::take(&mut self.undecoded) {
+            let Some(e) = self
+                .sessions
+                .get_mut(&incarnation)
+                .and_then(|s| s.queue.get_mut(&seq))
+                .filter(|e| Arc::ptr_eq(&e.delivery.msg, &placeholder))
+            else {
+                continue;
+            };
+            let msg = match decoded.get(&id) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = match self.messages.get(&id) {
+                        Some(Slot::Raw(start, end)) => Arc::new(super::record::decode_message(
+                            data.get(*start..*end)
+                                .ok_or(super::record::DecodeError("message out of range"))?,
+                        )?),
+                        Some(Slot::Decoded(m)) => m.clone(),
+                        None => return Err(super::record::DecodeError("message lost")),
+                    };
+                    decoded.insert(id, m.clone());
+                    m
+                }
+            };
+            e.delivery.msg = msg;
+        }
         self.messages.clear();
+        Ok(())
     }
 
     /// The records that rebuild this state, without what has expired: the content of a

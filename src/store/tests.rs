@@ -334,7 +334,7 @@ fn replay_follows_incarnations() {
     );
     st.apply(enqueue(2, 8, 42));
     assert_eq!(st.missing_messages, 1);
-    st.end_file();
+    st.end_file(&[]).expect("end of file");
     st.apply(enqueue(2, 9, 1));
     assert_eq!(
         st.missing_messages, 2,
@@ -342,4 +342,45 @@ fn replay_follows_incarnations() {
     );
     st.apply(Record::SessionEnd { incarnation: 2 });
     assert!(st.by_client("a").is_none() && st.sessions.is_empty());
+}
+
+/// A message is decoded at the end of its file, and only if an entry still holds it: a
+/// finished one is never decoded, an undecodable one still queued is an error.
+#[test]
+fn messages_are_decoded_only_for_entries_still_queued() {
+    let mut good = Vec::new();
+    record::encode_record(
+        &Record::Message {
+            id: 1,
+            msg: delivery(QoS::AtLeastOnce, b"kept").msg,
+        },
+        &mut good,
+    );
+    let data = [&good[..], b"\xff\xff garbage"].concat();
+    let body = |payload_at: usize, len: usize| {
+        let (id, at) = record::message_record(&data[payload_at..payload_at + len])
+            .expect("a message record")
+            .expect("id");
+        (id, payload_at + at, payload_at + len)
+    };
+    // `good` is [len][payload]; its payload starts at 1 (short record).
+    let (id, start, end) = body(1, good.len() - 1);
+    let mut st = super::state::State::default();
+    st.apply(meta("a", 1));
+    st.raw_message(id, start, end);
+    st.raw_message(2, good.len(), data.len());
+    st.apply(enqueue(1, 1, 1));
+    st.apply(enqueue(1, 2, 2));
+    st.apply(Record::Done {
+        incarnation: 1,
+        seq: 2,
+    });
+    st.end_file(&data)
+        .expect("the garbage one is finished, never decoded");
+    let e = &st.by_client("a").expect("a").queue[&1];
+    assert_eq!(&e.delivery.msg.payload[..], b"kept");
+
+    st.raw_message(2, good.len(), data.len());
+    st.apply(enqueue(1, 3, 2));
+    assert!(st.end_file(&data).is_err(), "a queued message must decode");
 }
