@@ -249,6 +249,7 @@ async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown
         reason: ReasonCode::SUCCESS,
         properties: props,
     }));
+    held.connack_queued(conn.out.len());
     // Everything in flight goes out again, as the window allows (`Conn::pump`).
     session.begin_resume();
 
@@ -274,6 +275,9 @@ struct Held {
     marks: VecDeque<(usize, u64)>,
     durable: Option<watch::Receiver<Durable>>,
     store: Option<Arc<Store>>,
+    /// Bytes of the CONNACK (the first packet of `Conn::out`) not yet written; set by
+    /// `connack_queued`.
+    connack_left: usize,
 }
 
 impl Held {
@@ -282,7 +286,18 @@ impl Held {
             marks: VecDeque::new(),
             durable: broker.store.as_ref().map(|s| s.durable()),
             store: broker.store.clone(),
+            connack_left: 0,
         }
+    }
+
+    /// The CONNACK is the first `len` bytes of the output.
+    fn connack_queued(&mut self, len: usize) {
+        self.connack_left = len;
+    }
+
+    /// How many bytes of the CONNACK, at the front of the output, are not written yet.
+    fn connack_unsent(&self) -> usize {
+        self.connack_left
     }
 
     /// Bytes from `offset` on wait for what this thread appended with `sync` since the last
@@ -311,6 +326,7 @@ impl Held {
 
     /// `n` bytes were written from the front of `out`.
     fn wrote(&mut self, n: usize) {
+        self.connack_left = self.connack_left.saturating_sub(n);
         for m in &mut self.marks {
             m.0 = m.0.saturating_sub(n);
         }
@@ -677,6 +693,9 @@ async fn finish(
         }
         Exit::StoreFailed => warn!(reason = %exit, "closing connection"),
     }
+    // Where the final DISCONNECT starts: it acknowledges nothing, so it goes out even when
+    // held acknowledgements before it never become durable (they are dropped, below).
+    let final_at = conn.out.len();
     if conn.protocol.is_v5() {
         if let Some(reason) = exit.server_reason() {
             // The reason string explains protocol errors; it is dropped if the client's
@@ -784,9 +803,18 @@ async fn finish(
         // Acknowledgements still held are sent only once durable; not worth a long wait.
         let _ = timeout(CLOSE_FLUSH_TIMEOUT, held.wait()).await;
     }
+    // Held bytes that are still not durable are never sent (the store failed, or was too
+    // slow): everything before the first of them goes out, then the final DISCONNECT. But a
+    // DISCONNECT may not precede the CONNACK [MQTT-3.2.0-1]: a client whose CONNACK is held
+    // (its session record never became durable) is closed without either.
+    let last = conn.out.split_off(final_at);
     let writable = held.writable(conn.out.len());
-    if writable > 0 {
-        let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&conn.out[..writable])).await;
+    conn.out.truncate(writable);
+    if held.connack_unsent() <= writable {
+        conn.out.unsplit(last);
+    }
+    if !conn.out.is_empty() {
+        let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&conn.out)).await;
     }
     let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.shutdown()).await;
 }

@@ -271,6 +271,29 @@ impl Drop for Proc {
     }
 }
 
+/// Set the soft RLIMIT_FSIZE of one running process (by pid) with `prlimit(1)` (util-linux),
+/// leaving its hard limit unlimited: `Some(bytes)` makes every write past that file offset
+/// fail (with EFBIG when the process ignores SIGXFSZ, as under `Broker::start_wrapped` with
+/// `trap '' XFSZ`), `None` lifts the limit again. Raising a soft limit up to the hard limit
+/// needs no privilege. Panics if prlimit fails.
+pub fn set_fsize_limit(pid: u32, bytes: Option<u64>) {
+    let value = match bytes {
+        Some(n) => format!("--fsize={n}:unlimited"),
+        None => "--fsize=unlimited:unlimited".to_string(),
+    };
+    let out = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &value])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run prlimit(1) (util-linux)");
+    assert!(
+        out.status.success(),
+        "prlimit --pid {pid} {value} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Send a signal to one process by pid with `kill(1)` (`libc` is not a dependency).
 pub fn signal(pid: u32, sig: &str) {
     let st = Command::new("kill")
@@ -354,10 +377,25 @@ impl Broker {
     /// broker gets a fresh one under the temp dir (removed on drop), so tests never share a
     /// store nor write into the working directory.
     pub fn start_with(extra: &[&str]) -> Broker {
+        Broker::start_wrapped(&[], extra)
+    }
+
+    /// `start_with`, but run through `wrapper` (a program and its arguments, which must end
+    /// by exec'ing the tether path and arguments it is given after them, so the pid is
+    /// tether's): e.g. `["sh", "-c", "trap '' XFSZ; exec \"$0\" \"$@\""]` to start tether with
+    /// SIGXFSZ ignored. An empty `wrapper` runs tether directly.
+    pub fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> Broker {
         let chosen = extra.iter().any(|a| *a == "-d" || *a == "--data-dir");
         for _attempt in 0..3 {
             let port = free_port();
-            let mut cmd = Command::new(TETHER);
+            let mut cmd = match wrapper.split_first() {
+                None => Command::new(TETHER),
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(TETHER);
+                    c
+                }
+            };
             cmd.arg("-b").arg(format!("127.0.0.1:{port}"));
             let own_data_dir = (!chosen).then(|| temp_dir("data"));
             if let Some(d) = &own_data_dir {
