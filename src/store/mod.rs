@@ -112,7 +112,7 @@ thread_local! {
     /// Records appended without `sync` inside a `Store::batch` scope on this thread, not yet
     /// in the shared buffer.
     static LOCAL: std::cell::RefCell<Local> = const {
-        std::cell::RefCell::new(Local { depth: 0, store: std::ptr::null(), buf: Vec::new(), count: 0 })
+        std::cell::RefCell::new(Local { depth: 0, store: std::ptr::null(), buf: Vec::new(), count: 0, run: None })
     };
 }
 
@@ -132,6 +132,119 @@ struct Local {
     buf: Vec<u8>,
     /// How many.
     count: u64,
+    /// Consecutive `Sent` or `Done` records of one session, not yet encoded: they become
+    /// one `SentRange` / `DoneRange` record (a session sends and is acknowledged in order).
+    run: Option<Record>,
+}
+
+impl Local {
+    /// Add `rec` to the open run if it continues it.
+    fn extend(&mut self, rec: &Record) -> bool {
+        match (&mut self.run, rec) {
+            (
+                Some(Record::DoneRange {
+                    incarnation,
+                    first,
+                    count,
+                }),
+                Record::Done {
+                    incarnation: i,
+                    seq,
+                },
+            ) if i == incarnation && *seq == *first + *count => {
+                *count += 1;
+                true
+            }
+            (
+                Some(Record::SentRange {
+                    incarnation,
+                    first,
+                    count,
+                    packet_id,
+                    state,
+                }),
+                Record::Sent {
+                    incarnation: i,
+                    seq,
+                    packet_id: p,
+                    state: st,
+                },
+            ) if i == incarnation
+                && st == state
+                && *seq == *first + *count
+                && *p == record::packet_id_after(*packet_id, *count) =>
+            {
+                *count += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Encode the open run, if any (a run of one as the plain record).
+    fn close_run(&mut self) {
+        let Some(run) = self.run.take() else { return };
+        let rec = match run {
+            Record::DoneRange {
+                incarnation,
+                first,
+                count: 1,
+            } => Record::Done {
+                incarnation,
+                seq: first,
+            },
+            Record::SentRange {
+                incarnation,
+                first,
+                count: 1,
+                packet_id,
+                state,
+            } => Record::Sent {
+                incarnation,
+                seq: first,
+                packet_id,
+                state,
+            },
+            run => run,
+        };
+        record::encode_record(&rec, &mut self.buf);
+        self.count += 1;
+    }
+
+    /// Batch `rec`: extend the open run, start one, or encode it.
+    fn add(&mut self, rec: &Record) {
+        if self.extend(rec) {
+            return;
+        }
+        self.close_run();
+        match *rec {
+            Record::Done { incarnation, seq } => {
+                self.run = Some(Record::DoneRange {
+                    incarnation,
+                    first: seq,
+                    count: 1,
+                })
+            }
+            Record::Sent {
+                incarnation,
+                seq,
+                packet_id,
+                state,
+            } => {
+                self.run = Some(Record::SentRange {
+                    incarnation,
+                    first: seq,
+                    count: 1,
+                    packet_id,
+                    state,
+                })
+            }
+            _ => {
+                record::encode_record(rec, &mut self.buf);
+                self.count += 1;
+            }
+        }
+    }
 }
 
 /// A scope in which this thread's appends without `sync` are collected and handed to the
@@ -147,7 +260,7 @@ impl Drop for Batch<'_> {
     fn drop(&mut self) {
         let flush = LOCAL.with_borrow_mut(|l| {
             l.depth -= 1;
-            l.depth == 0 && l.count > 0
+            l.depth == 0 && (l.count > 0 || l.run.is_some())
         });
         if flush {
             let mut p = self.store.shared.lock();
@@ -531,8 +644,7 @@ impl Store {
                 if l.depth == 0 || !std::ptr::eq(l.store, self) {
                     return false;
                 }
-                record::encode_record(rec, &mut l.buf);
-                l.count += 1;
+                l.add(rec);
                 true
             });
             if batched {
@@ -592,8 +704,11 @@ impl Store {
     /// ahead of whatever it appends next.
     fn flush_local(&self, p: &mut Pending) {
         let Some((mut buf, count)) = LOCAL.with_borrow_mut(|l| {
-            (l.count > 0 && std::ptr::eq(l.store, self))
-                .then(|| (std::mem::take(&mut l.buf), std::mem::take(&mut l.count)))
+            if !std::ptr::eq(l.store, self) {
+                return None;
+            }
+            l.close_run();
+            (l.count > 0).then(|| (std::mem::take(&mut l.buf), std::mem::take(&mut l.count)))
         }) else {
             return;
         };

@@ -241,6 +241,31 @@ pub enum Record {
         /// The queue entry.
         seq: u64,
     },
+    /// Entries `first .. first + count` are in flight as consecutive packet ids from
+    /// `packet_id` (wrapping from 65,535 to 1), all in `state`: what `count` `Sent` records in
+    /// a row would say, as a session sends its queue in order.
+    SentRange {
+        /// Which session.
+        incarnation: u64,
+        /// The first queue entry.
+        first: u64,
+        /// How many entries.
+        count: u64,
+        /// The packet identifier of the first.
+        packet_id: u16,
+        /// Their QoS flow state.
+        state: OutState,
+    },
+    /// Entries `first .. first + count` are finished: what `count` `Done` records in a row
+    /// would say, as a client acknowledges in order.
+    DoneRange {
+        /// Which session.
+        incarnation: u64,
+        /// The first queue entry.
+        first: u64,
+        /// How many entries.
+        count: u64,
+    },
     /// An inbound QoS 2 packet id was PUBREC'd (or, `added = false`, released by PUBREL).
     Inbound {
         /// Which session.
@@ -265,6 +290,15 @@ const T_INBOUND: u8 = 6;
 const T_RETAIN_SET: u8 = 7;
 const T_RETAIN_DEL: u8 = 8;
 const T_MESSAGE: u8 = 9;
+const T_SENT_RANGE: u8 = 10;
+const T_DONE_RANGE: u8 = 11;
+
+/// The packet identifier `i` places after `first`, wrapping from 65,535 to 1 as a session
+/// allocates them.
+pub fn packet_id_after(first: u16, i: u64) -> u16 {
+    let zero_based = (u64::from(first.max(1)) - 1 + i) % 65_535;
+    zero_based as u16 + 1
+}
 
 /// A record that does not decode: the frame passed its CRC, so this means a bug or a
 /// different format, not a torn write.
@@ -479,6 +513,30 @@ fn encode(rec: &Record, o: &mut Vec<u8>) {
             put_u16(o, *packet_id);
             o.push(state_byte(*state));
         }
+        Record::SentRange {
+            incarnation,
+            first,
+            count,
+            packet_id,
+            state,
+        } => {
+            o.push(T_SENT_RANGE);
+            put_u64(o, *incarnation);
+            put_u64(o, *first);
+            put_u64(o, *count);
+            put_u16(o, *packet_id);
+            o.push(state_byte(*state));
+        }
+        Record::DoneRange {
+            incarnation,
+            first,
+            count,
+        } => {
+            o.push(T_DONE_RANGE);
+            put_u64(o, *incarnation);
+            put_u64(o, *first);
+            put_u64(o, *count);
+        }
         Record::Done { incarnation, seq } => {
             o.push(T_DONE);
             put_u64(o, *incarnation);
@@ -574,6 +632,14 @@ impl<'a> Rd<'a> {
             0 => Ok(false),
             1 => Ok(true),
             _ => Err(DecodeError("bad boolean")),
+        }
+    }
+    fn out_state(&mut self) -> Result<OutState, DecodeError> {
+        match self.u8()? {
+            0 => Ok(OutState::AwaitPubAck),
+            1 => Ok(OutState::AwaitPubRec),
+            2 => Ok(OutState::AwaitPubComp),
+            _ => Err(DecodeError("bad inflight state")),
         }
     }
     fn client(&mut self) -> Result<Arc<str>, DecodeError> {
@@ -743,12 +809,7 @@ pub fn decode(payload: &[u8]) -> Result<Record, DecodeError> {
             incarnation: r.u64()?,
             seq: r.u64()?,
             packet_id: r.u16()?,
-            state: match r.u8()? {
-                0 => OutState::AwaitPubAck,
-                1 => OutState::AwaitPubRec,
-                2 => OutState::AwaitPubComp,
-                _ => return Err(DecodeError("bad inflight state")),
-            },
+            state: r.out_state()?,
         },
         T_DONE => Record::Done {
             incarnation: r.u64()?,
@@ -761,6 +822,18 @@ pub fn decode(payload: &[u8]) -> Result<Record, DecodeError> {
         },
         T_RETAIN_SET => Record::RetainSet(Arc::new(r.message()?)),
         T_RETAIN_DEL => Record::RetainDel(r.string()?),
+        T_SENT_RANGE => Record::SentRange {
+            incarnation: r.u64()?,
+            first: r.u64()?,
+            count: r.u64()?,
+            packet_id: r.u16()?,
+            state: r.out_state()?,
+        },
+        T_DONE_RANGE => Record::DoneRange {
+            incarnation: r.u64()?,
+            first: r.u64()?,
+            count: r.u64()?,
+        },
         _ => return Err(DecodeError("unknown record tag")),
     };
     if !r.b.is_empty() {
@@ -934,6 +1007,18 @@ mod tests {
             Record::Done {
                 incarnation: 3,
                 seq: 17,
+            },
+            Record::SentRange {
+                incarnation: 3,
+                first: 18,
+                count: 40,
+                packet_id: 65_530,
+                state: OutState::AwaitPubAck,
+            },
+            Record::DoneRange {
+                incarnation: 3,
+                first: 18,
+                count: 40,
             },
             Record::Inbound {
                 incarnation: 3,

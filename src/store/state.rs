@@ -12,6 +12,8 @@ use super::record::{Record, SessionMeta};
 /// One queued or in-flight message of a stored session.
 #[derive(Debug, Clone)]
 pub struct Entry {
+    /// The `Message` record it refers to (meaningful only while its file is replayed).
+    pub msg_id: u64,
     /// The delivery, with its queue number in `seq`.
     pub delivery: Delivery,
     /// Packet id and flow state once it was sent.
@@ -87,10 +89,10 @@ pub struct State {
     clients: HashMap<Arc<str>, u64>,
     /// `Message` records of the file being replayed (a file only refers to its own).
     messages: NumberMap<Slot>,
-    /// Entries of the file being replayed whose message is not decoded yet: (incarnation,
-    /// seq, message id). Most are finished before their file ends, and their messages are
-    /// then never decoded.
-    undecoded: Vec<(u64, u64, u64)>,
+    /// Some entry of the file being replayed holds the placeholder for its message, which
+    /// `end_file` decodes if the entry is still queued then. Most are finished before their
+    /// file ends, and their messages are never decoded.
+    undecoded: bool,
     /// Topic -> retained message.
     pub retained: HashMap<String, Arc<Message>>,
     /// Highest session incarnation seen, so new ones never reuse a number.
@@ -168,6 +170,7 @@ impl State {
                     s.queue.insert(
                         seq,
                         Entry {
+                            msg_id: msg,
                             delivery: Delivery {
                                 msg: message,
                                 qos,
@@ -178,9 +181,7 @@ impl State {
                             sent: None,
                         },
                     );
-                    if lazy {
-                        self.undecoded.push((incarnation, seq, msg));
-                    }
+                    self.undecoded |= lazy;
                 }
             }
             Record::Sent {
@@ -194,6 +195,33 @@ impl State {
                     .and_then(|s| s.queue.get_mut(&seq))
                 {
                     e.sent = Some((packet_id, state));
+                }
+            }
+            Record::SentRange {
+                incarnation,
+                first,
+                count,
+                packet_id,
+                state,
+            } => {
+                if let Some(s) = self.session(incarnation) {
+                    for (i, e) in s.queue.range_mut(first..first.saturating_add(count)) {
+                        let pid = super::record::packet_id_after(packet_id, i - first);
+                        e.sent = Some((pid, state));
+                    }
+                }
+            }
+            Record::DoneRange {
+                incarnation,
+                first,
+                count,
+            } => {
+                if let Some(s) = self.session(incarnation) {
+                    // Steps over the entries there are, however large the range says it is.
+                    let end = first.saturating_add(count);
+                    while let Some((&seq, _)) = s.queue.range(first..end).next() {
+                        s.queue.remove(&seq);
+                    }
                 }
             }
             Record::Done { incarnation, seq } => {
@@ -234,31 +262,36 @@ impl State {
     pub fn end_file(&mut self, data: &[u8]) -> Result<(), super::record::DecodeError> {
         let placeholder = placeholder();
         let mut decoded: NumberMap<Arc<Message>> = NumberMap::default();
-        for (incarnation, seq, id) in std::mem::take(&mut self.undecoded) {
-            let Some(e) = self
+        if self.undecoded {
+            // Only entries of this file can hold the placeholder; walking every queue costs
+            // what is still queued, which is little next to what a file held.
+            for e in self
                 .sessions
-                .get_mut(&incarnation)
-                .and_then(|s| s.queue.get_mut(&seq))
-                .filter(|e| Arc::ptr_eq(&e.delivery.msg, &placeholder))
-            else {
-                continue;
-            };
-            let msg = match decoded.get(&id) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = match self.messages.get(&id) {
-                        Some(Slot::Raw(start, end)) => Arc::new(super::record::decode_message(
-                            data.get(*start..*end)
-                                .ok_or(super::record::DecodeError("message out of range"))?,
-                        )?),
-                        Some(Slot::Decoded(m)) => m.clone(),
-                        None => return Err(super::record::DecodeError("message lost")),
-                    };
-                    decoded.insert(id, m.clone());
-                    m
+                .values_mut()
+                .flat_map(|s| s.queue.values_mut())
+            {
+                if !Arc::ptr_eq(&e.delivery.msg, &placeholder) {
+                    continue;
                 }
-            };
-            e.delivery.msg = msg;
+                let id = e.msg_id;
+                let msg = match decoded.get(&id) {
+                    Some(m) => m.clone(),
+                    None => {
+                        let m = match self.messages.get(&id) {
+                            Some(Slot::Raw(start, end)) => Arc::new(super::record::decode_message(
+                                data.get(*start..*end)
+                                    .ok_or(super::record::DecodeError("message out of range"))?,
+                            )?),
+                            Some(Slot::Decoded(m)) => m.clone(),
+                            None => return Err(super::record::DecodeError("message lost")),
+                        };
+                        decoded.insert(id, m.clone());
+                        m
+                    }
+                };
+                e.delivery.msg = msg;
+            }
+            self.undecoded = false;
         }
         self.messages.clear();
         Ok(())

@@ -226,8 +226,9 @@ fn snapshot_keeps_messages_of_equal_ids_from_different_files_apart() {
     );
 }
 
-/// Inside a batch scope, appends without sync wait in the thread's batch; a sync append and
-/// the end of the scope hand them over, so the log keeps the order of the appends.
+/// Inside a batch scope, appends without sync wait in the thread's batch (consecutive Done
+/// records as one range); a sync append and the end of the scope hand them over, so the log
+/// keeps the order of the appends.
 #[test]
 fn a_batch_keeps_the_order_of_appends() {
     let dir = TempDir::new("batch");
@@ -241,7 +242,11 @@ fn a_batch_keeps_the_order_of_appends() {
         until("durable", || store.durable_lsn() >= before);
         assert_eq!(store.shared.lock().lsn, before, "batched, not yet appended");
         a.inbound(5, true);
-        assert_eq!(store.shared.lock().lsn, before + 3);
+        assert_eq!(
+            store.shared.lock().lsn,
+            before + 2,
+            "one range, one inbound"
+        );
         a.done(3);
     }
     let lsn = synced(&store);
@@ -255,13 +260,10 @@ fn a_batch_keeps_the_order_of_appends() {
     assert_eq!(
         tail,
         [
-            &Record::Done {
+            &Record::DoneRange {
                 incarnation: inc,
-                seq: 1
-            },
-            &Record::Done {
-                incarnation: inc,
-                seq: 2
+                first: 1,
+                count: 2
             },
             &Record::Inbound {
                 incarnation: inc,
@@ -383,4 +385,104 @@ fn messages_are_decoded_only_for_entries_still_queued() {
     st.raw_message(2, good.len(), data.len());
     st.apply(enqueue(1, 3, 2));
     assert!(st.end_file(&data).is_err(), "a queued message must decode");
+}
+
+/// Consecutive Sent records of one session (ids wrapping past 65,535) and consecutive Done
+/// records become ranges; a gap, another session or another state starts a new record; and
+/// replaying the ranges gives what the single records would.
+#[test]
+fn runs_of_sent_and_done_become_ranges() {
+    use crate::session::OutState::{AwaitPubAck, AwaitPubRec};
+    let dir = TempDir::new("runs");
+    let store = open(&dir.0).store;
+    let (a, b) = (session(&store, "a"), session(&store, "b"));
+    let d = delivery(QoS::AtLeastOnce, b"m");
+    {
+        let _batch = store.batch();
+        for seq in 1..=6 {
+            a.enqueue(&queued(&d, seq));
+        }
+        b.enqueue(&queued(&d, 1));
+    }
+    {
+        let _batch = store.batch();
+        a.sent(1, 65_534, AwaitPubAck, false);
+        a.sent(2, 65_535, AwaitPubAck, false);
+        a.sent(3, 1, AwaitPubAck, false);
+        a.sent(4, 2, AwaitPubRec, false); // another state
+        b.sent(1, 3, AwaitPubAck, false); // another session
+        a.sent(5, 9, AwaitPubAck, false); // not the next id
+        a.done(1);
+        a.done(2);
+        a.done(4); // a gap
+    }
+    let lsn = synced(&store);
+    until("durable", || store.durable_lsn() >= lsn);
+    let recs: Vec<Record> = files(&dir.0).into_iter().flat_map(|f| f.2).collect();
+    let (ia, ib) = (a.incarnation, b.incarnation);
+    let runs: Vec<&Record> = recs
+        .iter()
+        .filter(|r| {
+            matches!(
+                r,
+                Record::Sent { .. }
+                    | Record::SentRange { .. }
+                    | Record::Done { .. }
+                    | Record::DoneRange { .. }
+            )
+        })
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            &Record::SentRange {
+                incarnation: ia,
+                first: 1,
+                count: 3,
+                packet_id: 65_534,
+                state: AwaitPubAck
+            },
+            &Record::Sent {
+                incarnation: ia,
+                seq: 4,
+                packet_id: 2,
+                state: AwaitPubRec
+            },
+            &Record::Sent {
+                incarnation: ib,
+                seq: 1,
+                packet_id: 3,
+                state: AwaitPubAck
+            },
+            &Record::Sent {
+                incarnation: ia,
+                seq: 5,
+                packet_id: 9,
+                state: AwaitPubAck
+            },
+            &Record::DoneRange {
+                incarnation: ia,
+                first: 1,
+                count: 2
+            },
+            &Record::Done {
+                incarnation: ia,
+                seq: 4
+            },
+        ]
+    );
+    store.close();
+    drop(store);
+    let state = open(&dir.0).state;
+    let q = &state.by_client("a").expect("a").queue;
+    let sent: Vec<(u64, Option<(u16, crate::session::OutState)>)> =
+        q.iter().map(|(seq, e)| (*seq, e.sent)).collect();
+    assert_eq!(
+        sent,
+        [
+            (3, Some((1, AwaitPubAck))),
+            (5, Some((9, AwaitPubAck))),
+            (6, None)
+        ]
+    );
 }
