@@ -994,8 +994,8 @@ impl Writer {
         }
     }
 
-    /// Close the active segment (fsynced), start the next, and compact if two or more closed
-    /// files exist.
+    /// Close the active segment (fsynced), start the next, and compact the closed files when
+    /// enough has been written since the last snapshot.
     fn roll(&mut self) -> std::io::Result<()> {
         self.file.sync_all()?;
         let next = new_segment(&self.cfg.dir, self.number + 1).map_err(|e| match e {
@@ -1013,7 +1013,19 @@ impl Writer {
             s.push(closed);
             s.clone()
         };
-        if files.len() >= 2 && !self.compacting.swap(true, Ordering::AcqRel) {
+        // Compaction rewrites the oldest file (the last snapshot: the live state) with what
+        // the newer ones changed. Waiting until those hold at least as many bytes as it (and
+        // a segment's worth) keeps the work proportional to what is written, however large
+        // the live state (a backlog of queued messages) is.
+        let size =
+            |n: &u64| std::fs::metadata(self.cfg.dir.join(file_name(*n))).map_or(0, |m| m.len());
+        let due = match files.split_first() {
+            Some((oldest, newer)) if !newer.is_empty() => {
+                newer.iter().map(size).sum::<u64>() >= size(oldest).max(self.cfg.segment_bytes)
+            }
+            _ => false,
+        };
+        if due && !self.compacting.swap(true, Ordering::AcqRel) {
             let dir = self.cfg.dir.clone();
             let sealed = self.sealed.clone();
             let flag = self.compacting.clone();

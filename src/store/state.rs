@@ -89,10 +89,11 @@ pub struct State {
     clients: HashMap<Arc<str>, u64>,
     /// `Message` records of the file being replayed (a file only refers to its own).
     messages: NumberMap<Slot>,
-    /// Some entry of the file being replayed holds the placeholder for its message, which
-    /// `end_file` decodes if the entry is still queued then. Most are finished before their
-    /// file ends, and their messages are never decoded.
-    undecoded: bool,
+    /// Sessions with entries of the file being replayed that hold the placeholder for their
+    /// message, which `end_file` decodes if the entry is still queued then: incarnation ->
+    /// the first such entry (later ones of the session are all of this file). Most are
+    /// finished before their file ends, and their messages are never decoded.
+    undecoded: NumberMap<u64>,
     /// Topic -> retained message.
     pub retained: HashMap<String, Arc<Message>>,
     /// Highest session incarnation seen, so new ones never reuse a number.
@@ -181,7 +182,9 @@ impl State {
                             sent: None,
                         },
                     );
-                    self.undecoded |= lazy;
+                    if lazy {
+                        self.undecoded.entry(incarnation).or_insert(seq);
+                    }
                 }
             }
             Record::Sent {
@@ -262,14 +265,11 @@ impl State {
     pub fn end_file(&mut self, data: &[u8]) -> Result<(), super::record::DecodeError> {
         let placeholder = placeholder();
         let mut decoded: NumberMap<Arc<Message>> = NumberMap::default();
-        if self.undecoded {
-            // Only entries of this file can hold the placeholder; walking every queue costs
-            // what is still queued, which is little next to what a file held.
-            for e in self
-                .sessions
-                .values_mut()
-                .flat_map(|s| s.queue.values_mut())
-            {
+        for (incarnation, first) in std::mem::take(&mut self.undecoded) {
+            let Some(s) = self.sessions.get_mut(&incarnation) else {
+                continue;
+            };
+            for e in s.queue.range_mut(first..).map(|(_, e)| e) {
                 if !Arc::ptr_eq(&e.delivery.msg, &placeholder) {
                     continue;
                 }
@@ -291,7 +291,6 @@ impl State {
                 };
                 e.delivery.msg = msg;
             }
-            self.undecoded = false;
         }
         self.messages.clear();
         Ok(())
