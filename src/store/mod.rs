@@ -1014,14 +1014,14 @@ impl Writer {
             s.clone()
         };
         // Compaction rewrites the oldest file (the last snapshot: the live state) with what
-        // the newer ones changed. Waiting until those hold at least as many bytes as it (and
-        // a segment's worth) keeps the work proportional to what is written, however large
-        // the live state (a backlog of queued messages) is.
+        // the newer ones changed. Waiting until those hold at least half as many bytes as it
+        // keeps the work within three times what is written, however large the live state
+        // (a backlog of queued messages) is; rewriting it at every new segment was quadratic.
         let size =
             |n: &u64| std::fs::metadata(self.cfg.dir.join(file_name(*n))).map_or(0, |m| m.len());
         let due = match files.split_first() {
             Some((oldest, newer)) if !newer.is_empty() => {
-                newer.iter().map(size).sum::<u64>() >= size(oldest).max(self.cfg.segment_bytes)
+                newer.iter().map(size).sum::<u64>() >= size(oldest) / 2
             }
             _ => false,
         };
