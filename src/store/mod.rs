@@ -112,7 +112,7 @@ thread_local! {
     /// Records appended without `sync` inside a `Store::batch` scope on this thread, not yet
     /// in the shared buffer.
     static LOCAL: std::cell::RefCell<Local> = const {
-        std::cell::RefCell::new(Local { depth: 0, store: std::ptr::null(), buf: Vec::new(), count: 0, run: None })
+        std::cell::RefCell::new(Local { depth: 0, store: std::ptr::null(), buf: Vec::new(), count: 0, prompt: false, run: None })
     };
 }
 
@@ -132,6 +132,8 @@ struct Local {
     buf: Vec<u8>,
     /// How many.
     count: u64,
+    /// A record in `buf` or `run` should be written soon (see `prompt`).
+    prompt: bool,
     /// Consecutive `Sent` or `Done` records of one session, not yet encoded: they become
     /// one `SentRange` / `DoneRange` record (a session sends and is acknowledged in order).
     run: Option<Record>,
@@ -213,6 +215,7 @@ impl Local {
 
     /// Batch `rec`: extend the open run, start one, or encode it.
     fn add(&mut self, rec: &Record) {
+        self.prompt |= prompt(rec);
         if self.extend(rec) {
             return;
         }
@@ -288,8 +291,18 @@ struct Pending {
     segment: u64,
     /// The next `Message` record id.
     next_message: u64,
-    /// Ask the writer to fsync now and report (shutdown).
-    flush: bool,
+    /// `buf` holds a record appended with `sync` (someone waits for it): the writer has been
+    /// woken to write and fsync it now.
+    sync: bool,
+    /// `buf` is over `LAZY_BYTES`: the writer has been woken to write it now.
+    full: bool,
+    /// `buf` holds a record that should be written soon though nobody waits for it (see
+    /// `prompt`): within `PROMPT_DELAY`, without an fsync of its own.
+    prompt: bool,
+    /// When `buf` last went from empty to not: what it holds otherwise waits for up to
+    /// `LAZY_DELAY` (acknowledgements of deliveries): a batch of only those would cost a
+    /// write, and an fsync, that nothing needs yet.
+    since: Option<Instant>,
     /// Ask the writer to finish.
     closing: bool,
 }
@@ -654,6 +667,7 @@ impl Store {
         let mut p = self.shared.lock();
         self.flush_local(&mut p);
         self.push(&mut p, rec);
+        self.wake(&mut p, sync, prompt(rec));
         let lsn = p.lsn;
         drop(p);
         if sync {
@@ -695,6 +709,7 @@ impl Store {
                 subscription_ids: d.subscription_ids.clone(),
             },
         );
+        self.wake(&mut p, true, false);
         let lsn = p.lsn;
         drop(p);
         SYNC_MARK.with(|m| m.set(m.get().max(lsn)));
@@ -703,18 +718,25 @@ impl Store {
     /// Move this thread's batched records (if they are for this store) into the buffer,
     /// ahead of whatever it appends next.
     fn flush_local(&self, p: &mut Pending) {
-        let Some((mut buf, count)) = LOCAL.with_borrow_mut(|l| {
+        let Some((mut buf, count, prompt)) = LOCAL.with_borrow_mut(|l| {
             if !std::ptr::eq(l.store, self) {
                 return None;
             }
             l.close_run();
-            (l.count > 0).then(|| (std::mem::take(&mut l.buf), std::mem::take(&mut l.count)))
+            (l.count > 0).then(|| {
+                (
+                    std::mem::take(&mut l.buf),
+                    std::mem::take(&mut l.count),
+                    std::mem::take(&mut l.prompt),
+                )
+            })
         }) else {
             return;
         };
         self.open_block(p);
         p.buf.extend_from_slice(&buf);
         p.lsn += count;
+        self.wake(p, false, prompt);
         buf.clear();
         // The buffer goes back for the next batch, keeping its capacity.
         LOCAL.with_borrow_mut(|l| l.buf = buf);
@@ -724,14 +746,33 @@ impl Store {
     fn open_block(&self, p: &mut Pending) {
         let open = p.blocks.last().copied();
         if open.is_none_or(|at| p.buf.len() - at >= record::BLOCK_TARGET) {
-            if p.buf.is_empty() {
-                // The writer sleeps only when it has nothing: one wake-up per batch. It is
-                // woken at once, not at the end of a batch scope: measured, starting the
-                // fsync early gains as much as fewer, larger batches.
-                self.shared.wake.notify_one();
-            }
             let at = record::open_block(&mut p.buf);
             p.blocks.push(at);
+        }
+    }
+
+    /// Tell the writer what the buffer now holds, waking it only when that changes when it
+    /// must write: `sync` for a record waited for, `prompt` for one to write soon.
+    fn wake(&self, p: &mut Pending, sync: bool, prompt: bool) {
+        let mut wake = false;
+        if p.since.is_none() {
+            p.since = Some(Instant::now());
+            wake = true;
+        }
+        if sync && !p.sync {
+            p.sync = true;
+            wake = true;
+        }
+        if prompt && !p.prompt {
+            p.prompt = true;
+            wake = true;
+        }
+        if !p.full && p.buf.len() >= LAZY_BYTES {
+            p.full = true;
+            wake = true;
+        }
+        if wake {
+            self.shared.wake.notify_one();
         }
     }
 
@@ -842,6 +883,21 @@ struct Writer {
     compacting: Arc<AtomicBool>,
 }
 
+/// Whether a record nobody waits for should still be written without delay. A packet id
+/// (`Sent`) should: a crash that loses it makes the next delivery of that message look like a
+/// first one (DUP = 0, a new packet id) to a client that already has it. An acknowledgement
+/// (`Done`) may wait: losing it re-sends the message as the DUP re-send it is.
+fn prompt(rec: &Record) -> bool {
+    matches!(rec, Record::Sent { .. } | Record::SentRange { .. })
+}
+
+/// Longest that records nobody waits for stay in memory before they are written.
+const LAZY_DELAY: Duration = Duration::from_millis(50);
+/// Longest that a `prompt` record stays in memory before it is written.
+const PROMPT_DELAY: Duration = Duration::from_millis(1);
+/// Buffered bytes that are written at once, waited for or not.
+const LAZY_BYTES: usize = 1 << 20;
+
 /// How long a failed write waits before it is retried.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -850,6 +906,9 @@ impl Writer {
         let mut batch: Vec<u8> = Vec::new();
         let mut blocks: Vec<usize> = Vec::new();
         let mut batch_lsn = 0u64;
+        // The batch holds a record someone waits for: it is fsynced (policy `always`) and
+        // reported durable; other batches are only written.
+        let mut batch_sync = false;
         let mut unsynced = false;
         let mut last_sync = Instant::now();
         let mut failing = false;
@@ -861,10 +920,9 @@ impl Writer {
             let more;
             {
                 let mut p = self.shared.lock();
+                // The interval policy's next fsync, counted from the last.
                 let tick = match self.cfg.fsync {
-                    FsyncPolicy::Interval if unsynced => {
-                        Some(self.cfg.fsync_interval.saturating_sub(last_sync.elapsed()))
-                    }
+                    FsyncPolicy::Interval if unsynced => Some(self.cfg.fsync_interval),
                     _ => None,
                 };
                 if failing {
@@ -882,21 +940,41 @@ impl Writer {
                             .map(|r| r.0)
                             .unwrap_or_else(|e| e.into_inner().0);
                     }
-                } else if p.buf.is_empty() && !p.closing && !p.flush && !roll_due {
-                    p = match tick {
-                        Some(t) => self
-                            .shared
-                            .wake
-                            .wait_timeout(p, t)
-                            .map(|r| r.0)
-                            .unwrap_or_else(|e| e.into_inner().0),
-                        None => self.shared.wake.wait(p).unwrap_or_else(|e| e.into_inner()),
-                    };
+                } else {
+                    // Until something must be written: a record waited for, a full buffer,
+                    // a prompt record's or a lazy one's delay out, the interval's fsync, a
+                    // shutdown, or a roll to finish.
+                    loop {
+                        if p.sync || p.full || p.closing || roll_due {
+                            break;
+                        }
+                        let delay = if p.prompt { PROMPT_DELAY } else { LAZY_DELAY };
+                        let due = p
+                            .since
+                            .map(|t| t + delay)
+                            .into_iter()
+                            .chain(tick.map(|t| last_sync + t))
+                            .min();
+                        let now = Instant::now();
+                        p = match due {
+                            Some(due) if due <= now => break,
+                            Some(due) => self
+                                .shared
+                                .wake
+                                .wait_timeout(p, due - now)
+                                .map(|r| r.0)
+                                .unwrap_or_else(|e| e.into_inner().0),
+                            None => self.shared.wake.wait(p).unwrap_or_else(|e| e.into_inner()),
+                        };
+                    }
                 }
                 closing = p.closing;
-                p.flush = false;
                 // A failed batch is retried alone; new records wait for the next batch.
                 if batch.is_empty() && !roll_due && !p.buf.is_empty() {
+                    batch_sync = std::mem::take(&mut p.sync);
+                    p.full = false;
+                    p.prompt = false;
+                    p.since = None;
                     std::mem::swap(&mut batch, &mut p.buf);
                     std::mem::swap(&mut blocks, &mut p.blocks);
                     batch_lsn = p.lsn;
@@ -917,7 +995,7 @@ impl Writer {
                 more = !p.buf.is_empty();
             }
             let sync_now = match self.cfg.fsync {
-                FsyncPolicy::Always => true,
+                FsyncPolicy::Always => closing || batch_sync,
                 FsyncPolicy::Interval => closing || last_sync.elapsed() >= self.cfg.fsync_interval,
                 FsyncPolicy::Never => closing,
             };
@@ -929,10 +1007,16 @@ impl Writer {
                         last_sync = Instant::now();
                     }
                     batch.clear();
-                    self.shared.durable.send_replace(Durable {
-                        lsn: batch_lsn,
-                        failed: false,
-                    });
+                    // Reported only when someone waits (a batch with no sync record holds
+                    // nothing waited for) or to clear a failure: fewer wake-ups. Every sync
+                    // record up to `batch_lsn` is durable either way: each was in a batch
+                    // fsynced for it.
+                    if batch_sync || self.shared.durable.borrow().failed {
+                        self.shared.durable.send_replace(Durable {
+                            lsn: batch_lsn,
+                            failed: false,
+                        });
+                    }
                 });
             }
             if result.is_ok() && batch.is_empty() && roll_due {

@@ -486,3 +486,37 @@ fn runs_of_sent_and_done_become_ranges() {
         ]
     );
 }
+
+fn active_len(dir: &Path) -> u64 {
+    super::list(dir)
+        .expect("list")
+        .last()
+        .and_then(|(_, p)| std::fs::metadata(p).ok())
+        .map_or(0, |m| m.len())
+}
+
+/// A record someone waits for is written at once; an acknowledgement nobody waits for is
+/// left to gather for up to LAZY_DELAY, then written without being asked.
+#[test]
+fn acknowledgements_are_written_lazily_and_sync_records_at_once() {
+    let dir = TempDir::new("lazy");
+    let store = open(&dir.0).store;
+    let a = session(&store, "a");
+    let lsn = synced(&store);
+    until("durable", || store.durable_lsn() >= lsn);
+    let before = active_len(&dir.0);
+    let appended = Instant::now();
+    a.done(1);
+    std::thread::sleep(Duration::from_millis(5));
+    // Only meaningful if this thread was not held up past the delay.
+    if appended.elapsed() < super::LAZY_DELAY * 4 / 5 {
+        assert_eq!(active_len(&dir.0), before, "written before its delay");
+    }
+    until("the lazy write", || active_len(&dir.0) > before);
+
+    let before = active_len(&dir.0);
+    a.done(2);
+    let lsn = synced(&store);
+    until("durable", || store.durable_lsn() >= lsn);
+    assert!(active_len(&dir.0) > before, "durable means written");
+}
