@@ -688,27 +688,15 @@ impl Store {
                 let id = p.next_message;
                 p.next_message += 1;
                 d.msg.stored.set(id, segment);
-                self.push(
-                    &mut p,
-                    &Record::Message {
-                        id,
-                        msg: d.msg.clone(),
-                    },
-                );
+                self.open_block(&mut p);
+                record::encode_message_record(id, &d.msg, &mut p.buf);
+                p.lsn += 1;
                 id
             }
         };
-        self.push(
-            &mut p,
-            &Record::Enqueue {
-                incarnation,
-                seq: d.seq,
-                msg: id,
-                qos: d.qos,
-                retain: d.retain,
-                subscription_ids: d.subscription_ids.clone(),
-            },
-        );
+        self.open_block(&mut p);
+        record::encode_enqueue_record(incarnation, id, d, &mut p.buf);
+        p.lsn += 1;
         self.wake(&mut p, true, false);
         let lsn = p.lsn;
         drop(p);

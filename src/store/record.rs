@@ -1,7 +1,7 @@
 //! The on-disk record format: what one log record says, and its byte encoding.
 //!
 //! A file is a 16-byte header (magic, format version, kind) followed by blocks
-//! `[len: u32 LE][crc32: u32 LE][body: len bytes]`; the CRC (IEEE) covers the body, so a torn
+//! `[len: u32 LE][crc32c: u32 LE][body: len bytes]`; the CRC-32C covers the body, so a torn
 //! or overwritten tail is detected and cut off at the last whole block. A body is a sequence
 //! of records `[len: varint][payload]`, and a payload starts with a tag byte naming the record
 //! kind. A block is what the writer wrote in one go (one group commit, or up to
@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::message::Message;
+use crate::message::{Delivery, Message};
 use crate::packet::{ProtocolVersion, PublishProperties, QoS, RetainHandling, Will};
 use crate::session::{OutState, Subscription};
 
@@ -79,10 +79,41 @@ pub fn parse_header(b: &[u8]) -> Result<FileKind, HeaderError> {
     }
 }
 
-/// CRC-32 (IEEE 802.3, reflected), slicing-by-8: eight table lookups per 8 bytes instead of
-/// one per byte, since every byte of the write-before-ack path is checksummed before its
-/// group commit. A dependency for 40 lines is not worth it.
-pub fn crc32(data: &[u8]) -> u32 {
+/// The reflected CRC-32C (Castagnoli) polynomial: the one x86-64 computes in hardware.
+const CRC32C_POLY: u32 = 0x82F6_3B78;
+
+/// CRC-32C of `data`: with the SSE 4.2 instruction where the CPU has it (every x86-64 server
+/// of the last fifteen years), else slicing-by-8 tables. Every byte the writer writes and
+/// every byte replay reads is checksummed, so this is on the store's hot path; a dependency
+/// for 60 lines is not worth it.
+pub fn crc32c(data: &[u8]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("sse4.2") {
+        // SAFETY: the CPU supports SSE 4.2, checked just above.
+        return unsafe { crc32c_sse42(data) };
+    }
+    crc32c_tables(data)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2")]
+unsafe fn crc32c_sse42(data: &[u8]) -> u32 {
+    use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
+    let mut c = u64::from(!0u32);
+    let mut chunks = data.chunks_exact(8);
+    for b in &mut chunks {
+        let v = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        c = _mm_crc32_u64(c, v);
+    }
+    let mut c = c as u32;
+    for &b in chunks.remainder() {
+        c = _mm_crc32_u8(c, b);
+    }
+    !c
+}
+
+/// CRC-32C in software, slicing-by-8: eight table lookups per 8 bytes instead of one per byte.
+fn crc32c_tables(data: &[u8]) -> u32 {
     const fn tables() -> [[u32; 256]; 8] {
         let mut t = [[0u32; 256]; 8];
         let mut i = 0;
@@ -91,7 +122,7 @@ pub fn crc32(data: &[u8]) -> u32 {
             let mut k = 0;
             while k < 8 {
                 c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
+                    CRC32C_POLY ^ (c >> 1)
                 } else {
                     c >> 1
                 };
@@ -313,11 +344,37 @@ impl std::fmt::Display for DecodeError {
 
 /// Append `rec` to `out` as one record of a block: its length (varint), then its payload.
 pub fn encode_record(rec: &Record, out: &mut Vec<u8>) {
+    framed(out, |o| encode(rec, o));
+}
+
+/// A `Message` record of `msg` as `encode_record` writes it, without building the record.
+pub fn encode_message_record(id: u64, msg: &Message, out: &mut Vec<u8>) {
+    framed(out, |o| put_message_record(o, id, msg));
+}
+
+/// An `Enqueue` record of delivery `d` as `encode_record` writes it, without building the
+/// record (no copy of its subscription identifiers).
+pub fn encode_enqueue_record(incarnation: u64, msg: u64, d: &Delivery, out: &mut Vec<u8>) {
+    framed(out, |o| {
+        put_enqueue_record(
+            o,
+            incarnation,
+            d.seq,
+            msg,
+            d.qos,
+            d.retain,
+            &d.subscription_ids,
+        )
+    });
+}
+
+/// Write a payload with `payload` behind its length.
+fn framed(out: &mut Vec<u8>, payload: impl FnOnce(&mut Vec<u8>)) {
     let at = out.len();
     // One byte is reserved for the length, which is all that records under 128 bytes (most
     // of them) need; a longer one moves its payload up to make room.
     out.push(0);
-    encode(rec, out);
+    payload(out);
     let len = out.len() - at - 1;
     if len < 0x80 {
         out[at] = len as u8;
@@ -340,7 +397,7 @@ pub fn open_block(out: &mut Vec<u8>) -> usize {
 pub fn seal_block(buf: &mut [u8], at: usize, end: usize) {
     let body = &buf[at + BLOCK_HEADER..end];
     let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
-    let crc = crc32(body);
+    let crc = crc32c(body);
     buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
     buf[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
 }
@@ -437,6 +494,32 @@ fn put_will(o: &mut Vec<u8>, w: &Will) {
     put_props(o, &w.properties);
 }
 
+fn put_message_record(o: &mut Vec<u8>, id: u64, msg: &Message) {
+    o.push(T_MESSAGE);
+    put_u64(o, id);
+    put_message(o, msg);
+}
+
+fn put_enqueue_record(
+    o: &mut Vec<u8>,
+    incarnation: u64,
+    seq: u64,
+    msg: u64,
+    qos: QoS,
+    retain: bool,
+    subscription_ids: &[u32],
+) {
+    o.push(T_ENQUEUE);
+    put_u64(o, incarnation);
+    put_u64(o, seq);
+    put_u64(o, msg);
+    o.push(qos as u8 | u8::from(retain) << 2);
+    put_u32(o, u32::try_from(subscription_ids.len()).unwrap_or(0));
+    for id in subscription_ids {
+        put_u32(o, *id);
+    }
+}
+
 fn state_byte(s: OutState) -> u8 {
     match s {
         OutState::AwaitPubAck => 0,
@@ -478,11 +561,7 @@ fn encode(rec: &Record, o: &mut Vec<u8>) {
             o.push(T_SESSION_END);
             put_u64(o, *incarnation);
         }
-        Record::Message { id, msg } => {
-            o.push(T_MESSAGE);
-            put_u64(o, *id);
-            put_message(o, msg);
-        }
+        Record::Message { id, msg } => put_message_record(o, *id, msg),
         Record::Enqueue {
             incarnation,
             seq,
@@ -490,17 +569,7 @@ fn encode(rec: &Record, o: &mut Vec<u8>) {
             qos,
             retain,
             subscription_ids,
-        } => {
-            o.push(T_ENQUEUE);
-            put_u64(o, *incarnation);
-            put_u64(o, *seq);
-            put_u64(o, *msg);
-            o.push(*qos as u8 | u8::from(*retain) << 2);
-            put_u32(o, u32::try_from(subscription_ids.len()).unwrap_or(0));
-            for id in subscription_ids {
-                put_u32(o, *id);
-            }
-        }
+        } => put_enqueue_record(o, *incarnation, *seq, *msg, *qos, *retain, subscription_ids),
         Record::Sent {
             incarnation,
             seq,
@@ -870,7 +939,7 @@ pub fn next_block(b: &[u8]) -> Block<'_> {
         return Block::Bad("block cut short");
     }
     let body = &b[BLOCK_HEADER..BLOCK_HEADER + len];
-    if crc32(body) != crc {
+    if crc32c(body) != crc {
         return Block::Bad("checksum mismatch");
     }
     Block::Ok(body, BLOCK_HEADER + len)
@@ -902,9 +971,10 @@ mod tests {
     use crate::testutil::delivery;
 
     #[test]
-    fn crc32_matches_the_standard_check_value() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        // The sliced loop agrees with the plain bytewise definition at every length and
+    fn crc32c_matches_the_standard_check_value() {
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c_tables(b"123456789"), 0xE306_9283);
+        // Both implementations agree with the plain bytewise definition at every length and
         // alignment of the 8-byte chunks.
         let bytewise = |data: &[u8]| {
             let mut c = !0u32;
@@ -912,7 +982,7 @@ mod tests {
                 c ^= u32::from(b);
                 for _ in 0..8 {
                     c = if c & 1 != 0 {
-                        0xEDB8_8320 ^ (c >> 1)
+                        CRC32C_POLY ^ (c >> 1)
                     } else {
                         c >> 1
                     };
@@ -923,7 +993,9 @@ mod tests {
         let data: Vec<u8> = (0..100u32).map(|i| (i * 37 + 11) as u8).collect();
         for start in 0..8 {
             for end in start..data.len() {
-                assert_eq!(crc32(&data[start..end]), bytewise(&data[start..end]));
+                let want = bytewise(&data[start..end]);
+                assert_eq!(crc32c(&data[start..end]), want);
+                assert_eq!(crc32c_tables(&data[start..end]), want);
             }
         }
     }
