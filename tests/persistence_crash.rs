@@ -71,8 +71,15 @@ async fn prepare_subscribers(port: u16) {
 }
 
 /// Publish until the connection dies; SIGKILL `pid` once `kill_at` acknowledgements were
-/// received. Returns index -> QoS of every acknowledged message.
-async fn publish_until_killed(port: u16, pid: u32, kill_at: usize) -> (HashMap<u32, QoS>, bool) {
+/// received and `ready()` (checked every 10 ms from then on) says so. Returns index -> QoS of
+/// every acknowledged message.
+async fn publish_until_killed(
+    port: u16,
+    pid: u32,
+    kill_at: usize,
+    ready: impl Fn() -> bool,
+) -> (HashMap<u32, QoS>, bool) {
+    let mut checked = std::time::Instant::now() - Duration::from_secs(1);
     let stream = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
@@ -152,7 +159,14 @@ async fn publish_until_killed(port: u16, pid: u32, kill_at: usize) -> (HashMap<u
                 other => panic!("publisher got {other:?}"),
             }
         }
-        if !killed && acked.len() >= kill_at {
+        if !killed && acked.len() >= kill_at && checked.elapsed() >= Duration::from_millis(10) && {
+            checked = std::time::Instant::now();
+            assert!(
+                acked.len() < kill_at + 200_000,
+                "not ready to be killed after 200,000 more messages"
+            );
+            ready()
+        } {
             killed = true;
             // Publishing goes on while kill(1) runs: the moment is not tied to our reads.
             tokio::task::spawn_blocking(move || signal(pid, "-KILL"));
@@ -246,7 +260,11 @@ fn round(kill_at: usize) {
     let mut first = bin_support::Broker::start_with(&["-d", &d, "-c", cfg.arg()]);
     let port = first.port;
     rt.block_on(prepare_subscribers(port));
-    let (acked, killed) = rt.block_on(publish_until_killed(port, first.pid(), kill_at));
+    // Past 2,000 messages (64 KiB segments) the kill waits for a compaction to have finished,
+    // so that recovery starts from a snapshot at some kill points; it runs in the background.
+    let (acked, killed) = rt.block_on(publish_until_killed(port, first.pid(), kill_at, || {
+        kill_at <= 2000 || first.log().contains("store compacted")
+    }));
     assert!(
         killed,
         "the broker closed the publisher before the kill point\n{}",
@@ -254,8 +272,8 @@ fn round(kill_at: usize) {
     );
     let st = first.proc.kill();
     assert!(!st.success(), "killed, not exited: {st:?}");
-    if acked.len() > 2000 {
-        // 64 KiB segments: recovery below starts from a compaction snapshot.
+    if kill_at > 2000 {
+        // Recovery below starts from a compaction snapshot.
         assert!(
             first.log().contains("store compacted"),
             "no compaction ran\n{}",
