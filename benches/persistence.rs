@@ -3,9 +3,11 @@
 //! persistence on (its other settings at their defaults), side by side.
 //!
 //! Workload: `SUBS` persistent subscribers (3.1.1, Clean Session 0, QoS 1 on `bench/#`,
-//! acknowledging every PUBLISH) and one publisher pipelining `MESSAGES` (environment; default 200,000) QoS 1 PUBLISHes of 64
-//! bytes with up to a window (`WINDOWS`) unacknowledged. Measured: from the first PUBLISH until the last
-//! PUBACK reached the publisher and every subscriber received every message.
+//! acknowledging every PUBLISH) and `PUBLISHERS` publishers (default 1) pipelining `MESSAGES`
+//! (default 200,000) QoS 1 PUBLISHes of 64 bytes between them, each with up to a window
+//! (`WINDOWS`) unacknowledged. Measured: from the first PUBLISH until the last PUBACK reached
+//! its publisher and every subscriber received every message. Each broker runs `REPEAT` times
+//! (default 1) in turn and the median is reported; `ONLY=on,off,mosquitto` picks brokers.
 //!
 //! `cargo bench --bench persistence` (cargo builds the tether binary it starts;
 //! Mosquitto at /usr/sbin/mosquitto, skipped if absent). Run as a test (`cargo nextest run
@@ -48,89 +50,129 @@ fn main() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
-/// One table: tether with persistence on and off, and Mosquitto, at one publisher window.
+/// One table: tether with persistence on and off, and Mosquitto, at one publisher window,
+/// each run `REPEAT` times in turn (on, off, Mosquitto, on, ...) and reported by its median:
+/// on a shared 2-core machine single runs vary by a quarter.
 fn measure(tether: &str, base: &std::path::Path, window: usize) {
     let n = messages();
-    println!("{SUBS} persistent QoS 1 subscribers, {n} QoS 1 messages of {PAYLOAD} B, publisher window {window}");
-    println!("| broker | messages/s (publisher acked, all delivered) |");
-    println!("| --- | --- |");
-    let mut results = Vec::new();
-    for (name, persist) in [
-        ("tether, persistence on (fsync always)", true),
-        ("tether, persistence off", false),
-    ] {
-        if !wanted(if persist { "on" } else { "off" }) {
-            continue;
+    let repeat = env_number("REPEAT").unwrap_or(1);
+    println!(
+        "{SUBS} persistent QoS 1 subscribers, {} publisher(s), {n} QoS 1 messages of {PAYLOAD} B, \
+         publisher window {window}, median of {repeat}",
+        publishers()
+    );
+    println!("| broker | messages/s (publisher acked, all delivered) | runs |");
+    println!("| --- | --- | --- |");
+    let brokers: Vec<&str> = ["on", "off", "mosquitto"]
+        .into_iter()
+        .filter(|b| wanted(b))
+        .filter(|b| *b != "mosquitto" || std::path::Path::new("/usr/sbin/mosquitto").exists())
+        .collect();
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); brokers.len()];
+    for _ in 0..repeat {
+        for (i, b) in brokers.iter().enumerate() {
+            let port = free_port();
+            let child = match *b {
+                "mosquitto" => start_mosquitto(base, port),
+                b => start_tether(tether, base, port, b == "on"),
+            };
+            rates[i].push(run(port, child, window));
         }
-        let port = free_port();
-        let dir = base.join(if persist { "on" } else { "off" });
-        // Every run starts empty: no recovery of the last run's log.
-        let _ = std::fs::remove_dir_all(&dir);
-        let cfg = base.join(format!("{}.toml", if persist { "on" } else { "off" }));
-        std::fs::write(
-            &cfg,
-            format!(
-                "[session]\nmax_queued_messages = 1000000\nmax_queued_bytes = 1000000000\n\
-                 [persistence]\nenabled = {persist}\n[log]\nlevel = \"warn\"\n"
-            ),
-        )
-        .expect("config");
-        let child = Command::new(tether)
-            .args(["-b", &format!("127.0.0.1:{port}"), "-c"])
-            .arg(&cfg)
-            .arg("-d")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{tether}: {e}"));
-        let rate = run(name, port, child, window);
-        results.push((persist, rate));
     }
-    if wanted("mosquitto") && std::path::Path::new("/usr/sbin/mosquitto").exists() {
-        let port = free_port();
-        let dir = base.join("mosquitto");
-        std::fs::create_dir_all(&dir).expect("dir");
-        let cfg = base.join("mosquitto.conf");
-        // persistence on; queue limits raised like tether's so nothing is dropped.
-        std::fs::write(
-            &cfg,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-                 persistence_location {}/\nmax_queued_messages 1000000\n",
-                dir.display()
-            ),
-        )
-        .expect("config");
-        let child = Command::new("/usr/sbin/mosquitto")
-            .arg("-c")
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto");
-        run("mosquitto 2, persistence true", port, child, window);
+    let median = |r: &[f64]| {
+        let mut r = r.to_vec();
+        r.sort_by(f64::total_cmp);
+        r[r.len() / 2]
+    };
+    for (b, r) in brokers.iter().zip(&rates) {
+        let name = match *b {
+            "on" => "tether, persistence on (fsync always)",
+            "off" => "tether, persistence off",
+            _ => "mosquitto 2, persistence true",
+        };
+        let runs: Vec<String> = r.iter().map(|x| format!("{x:.0}")).collect();
+        println!("| {name} | {:.0} | {} |", median(r), runs.join(", "));
     }
-    if let [(true, on), (false, off)] = results[..] {
-        println!("\npersistence on / off: {:.0}%\n", on / off * 100.0);
+    if let (Some(on), Some(off)) = (
+        brokers.iter().position(|b| *b == "on"),
+        brokers.iter().position(|b| *b == "off"),
+    ) {
+        let ratios: Vec<f64> = rates[on]
+            .iter()
+            .zip(&rates[off])
+            .map(|(a, b)| a / b)
+            .collect();
+        println!(
+            "\npersistence on / off: {:.0}% (median of the runs' ratios)\n",
+            median(&ratios) * 100.0
+        );
     }
+}
+
+fn start_tether(tether: &str, base: &std::path::Path, port: u16, persist: bool) -> Child {
+    let dir = base.join(if persist { "on" } else { "off" });
+    // Every run starts empty: no recovery of the last run's log.
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = base.join(format!("{}.toml", if persist { "on" } else { "off" }));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[session]\nmax_queued_messages = 1000000\nmax_queued_bytes = 1000000000\n\
+             [persistence]\nenabled = {persist}\n[log]\nlevel = \"warn\"\n"
+        ),
+    )
+    .expect("config");
+    Command::new(tether)
+        .args(["-b", &format!("127.0.0.1:{port}"), "-c"])
+        .arg(&cfg)
+        .arg("-d")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{tether}: {e}"))
+}
+
+fn start_mosquitto(base: &std::path::Path, port: u16) -> Child {
+    let dir = base.join("mosquitto");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cfg = base.join("mosquitto.conf");
+    // persistence on; queue limits raised like tether's so nothing is dropped.
+    std::fs::write(
+        &cfg,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+             persistence_location {}/\nmax_queued_messages 1000000\n",
+            dir.display()
+        ),
+    )
+    .expect("config");
+    Command::new("/usr/sbin/mosquitto")
+        .arg("-c")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto")
+}
+
+/// A positive number from the environment.
+fn env_number(name: &str) -> Option<usize> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
 }
 
 /// Messages per run.
 fn messages() -> usize {
-    std::env::var("MESSAGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_MESSAGES)
+    env_number("MESSAGES").unwrap_or(DEFAULT_MESSAGES)
 }
 
 /// Publisher connections (`PUBLISHERS` in the environment; default 1), sharing the messages.
 fn publishers() -> usize {
-    std::env::var("PUBLISHERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&p| p > 0)
-        .unwrap_or(1)
+    env_number("PUBLISHERS").unwrap_or(1)
 }
 
 /// Whether broker `name` (`on`, `off`, `mosquitto`) is measured: all unless `ONLY` lists some.
@@ -280,7 +322,7 @@ fn publish(mut p: TcpStream, mut buf: Buf, count: usize, window: usize) {
     acks.join().expect("acks");
 }
 
-fn run(name: &str, port: u16, mut child: Child, window: usize) -> f64 {
+fn run(port: u16, mut child: Child, window: usize) -> f64 {
     let n = messages();
     // Subscribers: persistent sessions, subscribed, then reading and acknowledging.
     let mut subs = Vec::new();
@@ -346,7 +388,6 @@ fn run(name: &str, port: u16, mut child: Child, window: usize) -> f64 {
     }
     let secs = started.elapsed().as_secs_f64();
     let rate = n as f64 / secs;
-    println!("| {name} | {rate:.0} |");
     let _ = child.kill();
     let _ = child.wait();
     rate
