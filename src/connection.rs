@@ -127,6 +127,17 @@ async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown
         return;
     }
 
+    // While the store cannot write, a session that outlives its connection could never get
+    // its CONNACK (which waits for the session's record): say so at once, before anything
+    // of the existing session is touched, rather than close without a word.
+    if broker.store.as_ref().is_some_and(|s| s.is_failed())
+        && session_expiry(&connect, broker).0 > 0
+    {
+        warn!("store not writable; refusing a persistent session until it is");
+        refuse(&mut stream, protocol, ReasonCode::SERVER_UNAVAILABLE).await;
+        return;
+    }
+
     // The registry is the one map every client can grow (3.1.1 persistent sessions never
     // expire by default), so it has a bound. Checked before the claim: `len` locks every
     // shard, which must not happen under an entry guard; concurrent CONNECTs may overshoot

@@ -421,8 +421,9 @@ fn disk_full_v5_refuses_with_quota_exceeded_and_recovers() {
         }
 
         // The offline persistent session reconnecting now: its session record cannot be
-        // written, so no successful CONNACK, and no other packet before a CONNACK
-        // [MQTT-3.2.0-1]. (Its stored messages stay queued: checked after the restart.)
+        // written, so it is refused with CONNACK 0x88 Server unavailable, and no other
+        // packet comes before a CONNACK [MQTT-3.2.0-1]. (Its stored messages stay queued:
+        // checked after the restart.)
         let mut c = Raw::connect(b.addr()).await;
         c.version = ProtocolVersion::V5;
         c.send_packet(&Packet::Connect(Box::new(v5_connect_expiry(
@@ -432,8 +433,7 @@ fn disk_full_v5_refuses_with_quota_exceeded_and_recovers() {
         ))))
         .await;
         match c.recv_within(WAIT).await {
-            Recv::Closed { leftover: 0, .. } => {}
-            Recv::Packet(Packet::ConnAck(a)) if a.reason.0 >= 0x80 => {}
+            Recv::Packet(Packet::ConnAck(a)) if a.reason == ReasonCode::SERVER_UNAVAILABLE => {}
             other => panic!(
                 "persistent session reconnecting while the disk is full: {other:?}\n{}",
                 b.log()
@@ -567,6 +567,12 @@ fn disk_full_v311_closes_the_publisher_and_recovers() {
                 b.log()
             ),
         }
+
+        // A persistent session cannot be written now either: refused at once with return
+        // code 3, Server unavailable (3.1.1 section 3.2.2.3), not closed without a word.
+        let mut c = Raw::connect(b.addr()).await;
+        c.send(&common::connect_v311("f311-sub", false, 60)).await;
+        c.expect_bytes(&[0x20, 0x02, 0x00, 0x03]).await;
 
         free_the_disk(&b);
         let freed_at = Instant::now();
