@@ -10,51 +10,16 @@ use std::time::{Duration, Instant};
 
 use tether::packet::{Ack, Packet, ProtocolVersion, QoS, ReasonCode};
 
-use bin_support::{temp_dir, Broker};
-use common::{v5_connect_expiry, v5_publish, Raw};
+use bin_support::{rt, Broker, Dir};
+use common::{v5_connect_expiry, v5_publish, v5_session, Raw};
 
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        Dir(temp_dir(tag))
-    }
-    fn arg(&self) -> &str {
-        self.0.to_str().expect("utf-8")
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
+/// A v5 client with Session Expiry `expiry`; asserts the CONNACK and Session Present.
+async fn v5(b: &Broker, id: &str, clean: bool, expiry: u32, present: bool) -> Raw {
+    v5_session(b.addr(), id, clean, expiry, present).await
 }
 
 fn addr(b: &Broker) -> SocketAddr {
     b.addr()
-}
-
-/// A v5 client with Session Expiry `expiry`; asserts Session Present.
-async fn v5(b: &Broker, id: &str, clean: bool, expiry: u32, present: bool) -> Raw {
-    let mut c = Raw::connect(addr(b)).await;
-    c.version = ProtocolVersion::V5;
-    c.send_packet(&Packet::Connect(Box::new(v5_connect_expiry(
-        id,
-        clean,
-        Some(expiry),
-    ))))
-    .await;
-    let ack = c.recv_connack().await;
-    assert_eq!(ack.reason, ReasonCode::SUCCESS);
-    assert_eq!(ack.session_present, present, "{id}: {ack:?}");
-    c
 }
 
 fn kill_and_restart(b: &mut Broker, dir: &Dir) -> Broker {

@@ -10,19 +10,16 @@
 //! are small (64 KiB), so compaction runs while publishing and recovery starts from snapshots.
 mod bin_support;
 mod common;
+mod crash_support;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tether::codec;
-use tether::packet::{Ack, Disconnect, Packet, ProtocolVersion, Publish, QoS, ReasonCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tether::packet::{Ack, Disconnect, Packet, ProtocolVersion, QoS, ReasonCode};
 
-use bin_support::{signal, temp_dir, TempFile};
+use bin_support::{temp_dir, TempFile};
 use common::Raw;
+use crash_support::{encode, publish_until_killed, Pipeline};
 
 /// Messages the publisher may send in one round (it is normally cut short by the kill).
 const MAX_MESSAGES: u32 = 30_000;
@@ -37,12 +34,6 @@ fn config() -> TempFile {
         "[session]\nmax_queued_messages = 1000000\nmax_queued_bytes = 1000000000\nmax_inbound_inflight = 1000\n\
          [persistence]\nsegment_bytes = 65536\n",
     )
-}
-
-fn encode(p: &Packet, v: ProtocolVersion) -> BytesMut {
-    let mut out = BytesMut::new();
-    codec::encode(p, v, None, &mut out).expect("encode");
-    out
 }
 
 /// Connect the two persistent subscribers, subscribe at QoS 2, and disconnect them.
@@ -68,118 +59,6 @@ async fn prepare_subscribers(port: u16) {
     v.disconnect_v5(ReasonCode::SUCCESS, None).await;
     // Both DISCONNECTs are handled (and the sessions parked) before anything is published.
     tokio::time::sleep(Duration::from_millis(300)).await;
-}
-
-/// Publish until the connection dies; SIGKILL `pid` once `kill_at` acknowledgements were
-/// received and `ready()` (checked every 10 ms from then on) says so. Returns index -> QoS of
-/// every acknowledged message.
-async fn publish_until_killed(
-    port: u16,
-    pid: u32,
-    kill_at: usize,
-    ready: impl Fn() -> bool,
-) -> (HashMap<u32, QoS>, bool) {
-    let mut checked = std::time::Instant::now() - Duration::from_secs(1);
-    let stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    let (mut rd, wr) = stream.into_split();
-    let wr = Arc::new(tokio::sync::Mutex::new(wr));
-    let v = ProtocolVersion::V311;
-    wr.lock()
-        .await
-        .write_all(&common::connect_v311("crash-pub", true, 60))
-        .await
-        .expect("send CONNECT");
-    let mut buf = BytesMut::new();
-    loop {
-        if let Some(p) = codec::decode(&mut buf, Some(v), usize::MAX).expect("decode") {
-            assert!(matches!(p, Packet::ConnAck(_)), "{p:?}");
-            break;
-        }
-        assert!(rd.read_buf(&mut buf).await.expect("read") > 0);
-    }
-
-    let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
-    let ids: Arc<Mutex<HashMap<u16, (u32, QoS)>>> = Arc::default();
-    let writer = {
-        let (wr, window, ids) = (wr.clone(), window.clone(), ids.clone());
-        tokio::spawn(async move {
-            for i in 0..MAX_MESSAGES {
-                let Ok(permit) = window.clone().acquire_owned().await else {
-                    return;
-                };
-                permit.forget();
-                let qos = if i % 2 == 0 {
-                    QoS::AtLeastOnce
-                } else {
-                    QoS::ExactlyOnce
-                };
-                let packet_id = (i % 60_000) as u16 + 1;
-                ids.lock().unwrap().insert(packet_id, (i, qos));
-                let p = Packet::Publish(Publish {
-                    dup: false,
-                    qos,
-                    retain: false,
-                    topic: format!("crash/{}", i % 7),
-                    packet_id,
-                    payload: i.to_string().into(),
-                    properties: Default::default(),
-                });
-                if wr.lock().await.write_all(&encode(&p, v)).await.is_err() {
-                    return;
-                }
-            }
-        })
-    };
-
-    let mut acked = HashMap::new();
-    let mut killed = false;
-    loop {
-        while let Ok(Some(p)) = codec::decode(&mut buf, Some(v), usize::MAX) {
-            match p {
-                Packet::PubAck(a) => {
-                    if let Some((i, q)) = ids.lock().unwrap().remove(&a.packet_id) {
-                        acked.insert(i, q);
-                    }
-                    window.add_permits(1);
-                }
-                Packet::PubRec(a) => {
-                    if let Some(&(i, q)) = ids.lock().unwrap().get(&a.packet_id) {
-                        acked.insert(i, q);
-                    }
-                    let rel = encode(&Packet::PubRel(Ack::new(a.packet_id)), v);
-                    let _ = wr.lock().await.write_all(&rel).await;
-                }
-                Packet::PubComp(a) => {
-                    ids.lock().unwrap().remove(&a.packet_id);
-                    window.add_permits(1);
-                }
-                other => panic!("publisher got {other:?}"),
-            }
-        }
-        if !killed && acked.len() >= kill_at && checked.elapsed() >= Duration::from_millis(10) && {
-            checked = std::time::Instant::now();
-            assert!(
-                acked.len() < kill_at + 200_000,
-                "not ready to be killed after 200,000 more messages"
-            );
-            ready()
-        } {
-            killed = true;
-            // Publishing goes on while kill(1) runs: the moment is not tied to our reads.
-            tokio::task::spawn_blocking(move || signal(pid, "-KILL"));
-        }
-        match tokio::time::timeout(Duration::from_secs(20), rd.read_buf(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            Ok(_) => break,
-            Err(_) => panic!("publisher: no progress for 20 s (acked {})", acked.len()),
-        }
-    }
-    window.close();
-    writer.abort();
-    (acked, killed)
 }
 
 /// Reconnect a subscriber and take everything it is sent until `QUIET`, acknowledging like a
@@ -262,7 +141,15 @@ fn round(kill_at: usize) {
     rt.block_on(prepare_subscribers(port));
     // Past 2,000 messages (64 KiB segments) the kill waits for a compaction to have finished,
     // so that recovery starts from a snapshot at some kill points; it runs in the background.
-    let (acked, killed) = rt.block_on(publish_until_killed(port, first.pid(), kill_at, || {
+    let pipeline = Pipeline {
+        client_id: "crash-pub",
+        topic: "crash",
+        topics: 7,
+        messages: MAX_MESSAGES,
+        window: WINDOW,
+        kill_at,
+    };
+    let (acked, killed) = rt.block_on(publish_until_killed(port, first.pid(), &pipeline, || {
         kill_at <= 2000 || first.log().contains("store compacted")
     }));
     assert!(

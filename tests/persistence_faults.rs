@@ -14,20 +14,31 @@
 //! SIGKILL of tether alone must still lose nothing acknowledged.
 mod bin_support;
 mod common;
+mod crash_support;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use tether::codec;
-use tether::packet::{Ack, Packet, ProtocolVersion, Publish, QoS, ReasonCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tether::packet::{Ack, Packet, ProtocolVersion, QoS, ReasonCode};
 
-use bin_support::{set_fsize_limit, signal, temp_dir, Broker, TempFile, WAIT};
-use common::{v5_connect_expiry, v5_publish, Raw, Recv};
+use bin_support::{rt, set_fsize_limit, Broker, Dir, TempFile, WAIT};
+use common::{v5_connect_expiry, v5_publish, v5_session, Raw, Recv};
+use crash_support::{publish_until_killed, Pipeline};
+
+/// QoS 1 for even message numbers, QoS 2 for odd ones.
+fn alternating(i: u32) -> QoS {
+    if i % 2 == 0 {
+        QoS::AtLeastOnce
+    } else {
+        QoS::ExactlyOnce
+    }
+}
+
+/// A v5 client with Session Expiry `expiry`; asserts the CONNACK and Session Present.
+async fn v5(b: &Broker, id: &str, clean: bool, expiry: u32, present: bool) -> Raw {
+    v5_session(b.addr(), id, clean, expiry, present).await
+}
 
 /// Starts tether with SIGXFSZ ignored (an ignored signal stays ignored across exec), so a
 /// write past RLIMIT_FSIZE fails with EFBIG instead of killing the process. `sh` execs
@@ -44,30 +55,6 @@ const QUIET: Duration = Duration::from_millis(700);
 const WRITE_FAILED: &str = "store write failed";
 /// The store's recovery line.
 const WRITABLE_AGAIN: &str = "store writable again";
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        Dir(temp_dir(tag))
-    }
-    fn arg(&self) -> &str {
-        self.0.to_str().expect("utf-8")
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 /// Length of the active (highest-numbered) log segment in `dir`.
 fn active_segment_len(dir: &Path) -> u64 {
@@ -106,22 +93,6 @@ async fn settled_segment_len(dir: &Path) -> u64 {
 /// How many lines of the broker's log contain `what`.
 fn log_count(b: &Broker, what: &str) -> usize {
     b.log().lines().filter(|l| l.contains(what)).count()
-}
-
-/// A v5 client with Session Expiry `expiry`; asserts the CONNACK.
-async fn v5(b: &Broker, id: &str, clean: bool, expiry: u32, present: bool) -> Raw {
-    let mut c = Raw::connect(b.addr()).await;
-    c.version = ProtocolVersion::V5;
-    c.send_packet(&Packet::Connect(Box::new(v5_connect_expiry(
-        id,
-        clean,
-        Some(expiry),
-    ))))
-    .await;
-    let ack = c.recv_connack().await;
-    assert_eq!(ack.reason, ReasonCode::SUCCESS, "{id}: {ack:?}");
-    assert_eq!(ack.session_present, present, "{id}: {ack:?}");
-    c
 }
 
 /// A 3.1.1 client; asserts CONNACK accepted with `present`.
@@ -339,11 +310,7 @@ fn disk_full_v5_refuses_with_quota_exceeded_and_recovers() {
 
         // Before the fault.
         for i in 0..10u32 {
-            let qos = if i % 2 == 0 {
-                QoS::AtLeastOnce
-            } else {
-                QoS::ExactlyOnce
-            };
+            let qos = alternating(i);
             let r = pub_v5(&mut p, "f/a", qos, next_id(), &i.to_string(), false).await;
             assert_eq!(r, 0, "message {i} before the fault\n{}", b.log());
             acked.insert(i, qos);
@@ -354,41 +321,20 @@ fn disk_full_v5_refuses_with_quota_exceeded_and_recovers() {
         let failed_at = Instant::now();
 
         // During the fault: refused, the publisher keeps its connection.
-        for i in 100..106u32 {
-            let r = pub_v5(
-                &mut p,
-                "f/a",
-                QoS::AtLeastOnce,
-                next_id(),
-                &i.to_string(),
-                false,
-            )
-            .await;
-            assert_eq!(
-                r,
-                0x97,
-                "QoS 1 message {i} while the disk is full\n{}",
-                b.log()
-            );
-            refused.push(i);
-        }
-        for i in 200..204u32 {
-            let r = pub_v5(
-                &mut p,
-                "f/a",
-                QoS::ExactlyOnce,
-                next_id(),
-                &i.to_string(),
-                false,
-            )
-            .await;
-            assert_eq!(
-                r,
-                0x97,
-                "QoS 2 message {i} while the disk is full\n{}",
-                b.log()
-            );
-            refused.push(i);
+        for (ids, qos) in [
+            (100..106u32, QoS::AtLeastOnce),
+            (200..204, QoS::ExactlyOnce),
+        ] {
+            for i in ids {
+                let r = pub_v5(&mut p, "f/a", qos, next_id(), &i.to_string(), false).await;
+                assert_eq!(
+                    r,
+                    0x97,
+                    "{qos:?} message {i} while the disk is full\n{}",
+                    b.log()
+                );
+                refused.push(i);
+            }
         }
         // QoS 0 still flows to the online subscriber.
         pub_v5(&mut p, "f/a", QoS::AtMostOnce, 0, "300", false).await;
@@ -480,11 +426,7 @@ fn disk_full_v5_refuses_with_quota_exceeded_and_recovers() {
         }
         b.wait_log(&[WRITABLE_AGAIN], WAIT);
         for i in 500..504u32 {
-            let qos = if i % 2 == 0 {
-                QoS::AtLeastOnce
-            } else {
-                QoS::ExactlyOnce
-            };
+            let qos = alternating(i);
             let r = pub_v5(&mut p, "f/a", qos, next_id(), &i.to_string(), false).await;
             assert_eq!(r, 0, "message {i} after recovery\n{}", b.log());
             acked.insert(i, qos);
@@ -718,114 +660,6 @@ const KILL_AT: usize = 300;
 /// Publisher's window of unacknowledged messages.
 const WINDOW: usize = 64;
 
-fn encode(p: &Packet, v: ProtocolVersion) -> BytesMut {
-    let mut out = BytesMut::new();
-    codec::encode(p, v, None, &mut out).expect("encode");
-    out
-}
-
-/// A 3.1.1 publisher pipelining alternate QoS 1 / QoS 2 messages to `s/...`; SIGKILLs `pid`
-/// once `KILL_AT` are acknowledged (publishing goes on) and reads until the connection
-/// dies. Returns index -> QoS of every acknowledged message, and whether the kill was sent.
-async fn publish_until_killed(port: u16, pid: u32) -> (HashMap<u32, QoS>, bool) {
-    let stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    let (mut rd, wr) = stream.into_split();
-    let wr = Arc::new(tokio::sync::Mutex::new(wr));
-    let v = ProtocolVersion::V311;
-    wr.lock()
-        .await
-        .write_all(&common::connect_v311("fs-pub", true, 60))
-        .await
-        .expect("send CONNECT");
-    let mut buf = BytesMut::new();
-    loop {
-        if let Some(p) = codec::decode(&mut buf, Some(v), usize::MAX).expect("decode") {
-            assert!(matches!(p, Packet::ConnAck(_)), "{p:?}");
-            break;
-        }
-        assert!(rd.read_buf(&mut buf).await.expect("read") > 0);
-    }
-
-    let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
-    let ids: Arc<Mutex<HashMap<u16, (u32, QoS)>>> = Arc::default();
-    let writer = {
-        let (wr, window, ids) = (wr.clone(), window.clone(), ids.clone());
-        tokio::spawn(async move {
-            for i in 0..MESSAGES {
-                let Ok(permit) = window.clone().acquire_owned().await else {
-                    return;
-                };
-                permit.forget();
-                let qos = if i % 2 == 0 {
-                    QoS::AtLeastOnce
-                } else {
-                    QoS::ExactlyOnce
-                };
-                let packet_id = i as u16 + 1;
-                ids.lock().expect("ids").insert(packet_id, (i, qos));
-                let p = Packet::Publish(Publish {
-                    dup: false,
-                    qos,
-                    retain: false,
-                    topic: format!("s/{}", i % 5),
-                    packet_id,
-                    payload: i.to_string().into(),
-                    properties: Default::default(),
-                });
-                if wr.lock().await.write_all(&encode(&p, v)).await.is_err() {
-                    return;
-                }
-            }
-        })
-    };
-
-    let mut acked = HashMap::new();
-    let mut killed = false;
-    loop {
-        while let Ok(Some(p)) = codec::decode(&mut buf, Some(v), usize::MAX) {
-            match p {
-                Packet::PubAck(a) => {
-                    if let Some((i, q)) = ids.lock().expect("ids").remove(&a.packet_id) {
-                        acked.insert(i, q);
-                    }
-                    window.add_permits(1);
-                }
-                Packet::PubRec(a) => {
-                    if let Some(&(i, q)) = ids.lock().expect("ids").get(&a.packet_id) {
-                        acked.insert(i, q);
-                    }
-                    let rel = encode(&Packet::PubRel(Ack::new(a.packet_id)), v);
-                    let _ = wr.lock().await.write_all(&rel).await;
-                }
-                Packet::PubComp(a) => {
-                    ids.lock().expect("ids").remove(&a.packet_id);
-                    window.add_permits(1);
-                }
-                other => panic!("publisher got {other:?}"),
-            }
-        }
-        if !killed && acked.len() >= KILL_AT {
-            killed = true;
-            // Publishing goes on while kill(1) runs: the moment is not tied to our reads.
-            tokio::task::spawn_blocking(move || signal(pid, "-KILL"));
-        }
-        match tokio::time::timeout(WAIT, rd.read_buf(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            Ok(_) => break,
-            Err(_) => panic!(
-                "publisher: no progress for {WAIT:?} (acked {})",
-                acked.len()
-            ),
-        }
-    }
-    window.close();
-    writer.abort();
-    (acked, killed)
-}
-
 /// Persistent 3.1.1 and v5 subscribers (QoS 2, offline), a pipelined publisher, SIGKILL
 /// after `KILL_AT` acknowledgements under `fsync = policy`, restart: every acknowledged
 /// message reaches both, QoS 2 exactly once.
@@ -848,7 +682,15 @@ fn acknowledged_survive_sigkill(policy: &str, extra: &str, logged: &str) {
         s.send(&[0xE0, 0x00]).await;
         s.expect_closed().await;
         offline_v5_subscriber(&b, "fs-v5", "s/#", QoS::ExactlyOnce).await;
-        publish_until_killed(b.port, b.pid()).await
+        let pipeline = Pipeline {
+            client_id: "fs-pub",
+            topic: "s",
+            topics: 5,
+            messages: MESSAGES,
+            window: WINDOW,
+            kill_at: KILL_AT,
+        };
+        publish_until_killed(b.port, b.pid(), &pipeline, || true).await
     });
     assert!(
         killed,

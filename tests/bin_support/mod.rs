@@ -354,6 +354,34 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     ))
 }
 
+/// A data directory for a test (not created), removed with everything in it on drop.
+pub struct Dir(pub PathBuf);
+
+impl Dir {
+    pub fn new(tag: &str) -> Dir {
+        Dir(temp_dir(tag))
+    }
+
+    /// The path as a command-line argument.
+    pub fn arg(&self) -> &str {
+        self.0.to_str().expect("utf-8")
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A current-thread runtime for the async clients of a test that drives the binary.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         if let Some(dir) = self.own_data_dir.take() {

@@ -544,3 +544,26 @@ impl Raw {
         }
     }
 }
+
+/// A v5 client on `addr` with Session Expiry `expiry`; asserts a successful CONNACK with
+/// Session Present = `present`.
+pub async fn v5_session(
+    addr: SocketAddr,
+    id: &str,
+    clean: bool,
+    expiry: u32,
+    present: bool,
+) -> Raw {
+    let mut c = Raw::connect(addr).await;
+    c.version = ProtocolVersion::V5;
+    c.send_packet(&Packet::Connect(Box::new(v5_connect_expiry(
+        id,
+        clean,
+        Some(expiry),
+    ))))
+    .await;
+    let ack = c.recv_connack().await;
+    assert_eq!(ack.reason, ReasonCode::SUCCESS, "{id}: {ack:?}");
+    assert_eq!(ack.session_present, present, "{id}: {ack:?}");
+    c
+}
