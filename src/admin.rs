@@ -235,6 +235,8 @@ pub struct Figures {
     pub wills_published: u64,
     /// Connections closed for protocol errors since start.
     pub protocol_errors: u64,
+    /// The store's figures; `None` with persistence off.
+    pub store: Option<crate::store::StoreFigures>,
 }
 
 /// Gather the figures. Inflight and queue totals come from every session's view, so this costs
@@ -271,6 +273,7 @@ pub async fn figures(broker: &Broker) -> Figures {
         sessions_refused: Stats::get(&s.sessions_refused),
         wills_published: Stats::get(&s.wills_published),
         protocol_errors: Stats::get(&s.protocol_errors),
+        store: broker.store.as_ref().map(|st| st.figures()),
     }
 }
 
@@ -413,6 +416,31 @@ pub fn prometheus(f: &Figures) -> String {
         "Connections closed for protocol errors.",
         &[("", f.protocol_errors)],
     );
+    if let Some(st) = &f.store {
+        metric(
+            "tether_store_bytes",
+            "gauge",
+            "Bytes of the store's log files in the data directory.",
+            &[("", st.bytes)],
+        );
+        metric(
+            "tether_store_failed",
+            "gauge",
+            "1 while store writes fail (disk full, I/O error) and QoS 1/2 messages are refused.",
+            &[("", u64::from(st.failed))],
+        );
+        // A summary without quantiles: rate(_sum) / rate(_count) is the mean commit latency.
+        out.push_str(&format!(
+            "# HELP tether_store_commit_seconds Group commits (write, and fsync under \
+             fsync = always, of a batch someone waits for) and their duration.\n\
+             # TYPE tether_store_commit_seconds summary\n\
+             tether_store_commit_seconds_sum {}.{:06}\n\
+             tether_store_commit_seconds_count {}\n",
+            st.commit_micros / 1_000_000,
+            st.commit_micros % 1_000_000,
+            st.commits
+        ));
+    }
     out
 }
 
@@ -467,6 +495,18 @@ pub fn sys_topics(f: &Figures) -> Vec<(String, String)> {
     ];
     for (cause, n) in &f.dropped {
         t.push((format!("publish/messages/dropped/{cause}"), n.to_string()));
+    }
+    if let Some(st) = &f.store {
+        t.push(("store/bytes".into(), st.bytes.to_string()));
+        t.push(("store/commits".into(), st.commits.to_string()));
+        t.push((
+            "store/commit latency us".into(),
+            st.commit_micros
+                .checked_div(st.commits)
+                .unwrap_or(0)
+                .to_string(),
+        ));
+        t.push(("store/failed".into(), u8::from(st.failed).to_string()));
     }
     t.into_iter()
         .map(|(k, v)| (format!("$SYS/broker/{k}"), v))

@@ -261,8 +261,9 @@ fn sighup_reloads_the_log_level() {
     broker.wait_log(&["DEBUG", "closed before CONNECT"], WAIT);
 }
 
-/// `/metrics` over HTTP: the counters move when messages flow, sessions are counted by state;
-/// without the token the endpoint answers 401. The `$SYS` tree carries the same figures.
+/// `/metrics` over HTTP: the counters move when messages flow, sessions are counted by state,
+/// the store's commits and size are reported; without the token the endpoint answers 401. The
+/// `$SYS` tree carries the same figures.
 #[test]
 fn metrics_counters_move_when_messages_flow() {
     let (broker, admin, _file) = broker_with_admin("sys_interval_secs = 1", &[]);
@@ -318,6 +319,22 @@ fn metrics_counters_move_when_messages_flow() {
         "{after}"
     );
     assert!(after.contains("tether_messages_dropped_total{cause=\"queue_full\"} 0"));
+    // The store (persistence is on): the QoS 1 messages to the persistent session were
+    // committed before their PUBACKs, so the commits moved, and its files take room.
+    assert!(
+        sample(&after, "tether_store_commit_seconds_count")
+            > sample(&before, "tether_store_commit_seconds_count"),
+        "{after}"
+    );
+    assert!(after.contains("# TYPE tether_store_commit_seconds summary"));
+    assert!(
+        after
+            .lines()
+            .any(|l| l.starts_with("tether_store_commit_seconds_sum ")),
+        "{after}"
+    );
+    assert!(sample(&after, "tether_store_bytes") > 0, "{after}");
+    assert_eq!(sample(&after, "tether_store_failed"), 0, "{after}");
 
     // The retained value may predate the messages; the next publication (every second)
     // carries the new count.
@@ -326,6 +343,10 @@ fn metrics_counters_move_when_messages_flow() {
         &["-t", "$SYS/broker/publish/messages/received"],
     );
     sys.wait_line(Stream::Stdout, "$SYS count of at least 3", WAIT, |l| {
+        l.trim().parse::<u64>().is_ok_and(|n| n >= 3)
+    });
+    let sys = sub_spawn(broker.port, &["-t", "$SYS/broker/store/commits"]);
+    sys.wait_line(Stream::Stdout, "$SYS store commits", WAIT, |l| {
         l.trim().parse::<u64>().is_ok_and(|n| n >= 3)
     });
 }

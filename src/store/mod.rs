@@ -97,6 +97,20 @@ impl std::fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+/// The store's figures at one moment (see `Store::figures`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StoreFigures {
+    /// Bytes of log files in the data directory.
+    pub bytes: u64,
+    /// Group commits since start (batches written, and fsynced under `always`, for someone
+    /// waiting for them).
+    pub commits: u64,
+    /// Their write + fsync time, summed, in microseconds.
+    pub commit_micros: u64,
+    /// Writes are failing (disk full, I/O error).
+    pub failed: bool,
+}
+
 /// Durability progress as connections see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Durable {
@@ -313,6 +327,10 @@ struct Shared {
     wake: Condvar,
     durable: watch::Sender<Durable>,
     failed: AtomicBool,
+    /// Group commits: batches written (and fsynced, policy `always`) for someone waiting.
+    commits: AtomicU64,
+    /// Microseconds those took to write and fsync, summed.
+    commit_micros: AtomicU64,
 }
 
 impl Shared {
@@ -589,6 +607,8 @@ impl Store {
             wake: Condvar::new(),
             durable,
             failed: AtomicBool::new(false),
+            commits: AtomicU64::new(0),
+            commit_micros: AtomicU64::new(0),
         });
         let mut writer = Writer {
             shared: shared.clone(),
@@ -771,6 +791,25 @@ impl Store {
         self.open_block(p);
         record::encode_record(rec, &mut p.buf);
         p.lsn += 1;
+    }
+
+    /// Figures for /metrics and `$SYS`. The size is read from the directory (a few files).
+    pub fn figures(&self) -> StoreFigures {
+        let bytes = list(&self.dir)
+            .map(|files| {
+                files
+                    .iter()
+                    .filter_map(|(_, p)| std::fs::metadata(p).ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        StoreFigures {
+            bytes,
+            commits: self.shared.commits.load(Ordering::Relaxed),
+            commit_micros: self.shared.commit_micros.load(Ordering::Relaxed),
+            failed: self.is_failed(),
+        }
     }
 
     /// True while writes fail (disk full, I/O error): new QoS 1/2 messages must be refused.
@@ -989,7 +1028,16 @@ impl Writer {
             };
             let mut result = Ok(());
             if !batch.is_empty() || (sync_now && unsynced) {
+                let started = Instant::now();
                 result = self.write(&batch, sync_now).map(|()| {
+                    if batch_sync {
+                        let micros =
+                            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                        self.shared
+                            .commit_micros
+                            .fetch_add(micros, Ordering::Relaxed);
+                    }
                     unsynced = !sync_now;
                     if sync_now {
                         last_sync = Instant::now();
