@@ -32,8 +32,8 @@ pub struct Message {
     pub stored: StoredAt,
 }
 
-/// The store's note of where a message's record is: its id and the log segment it is in
-/// (0, 0 = not written). Only the store reads or writes it, under its append lock, hence
+/// The store's note of where a message's record is: its id and the log file it is in, as a
+/// key naming the store and the file's number (0, 0 = not written). Only the store reads or writes it, under its append lock, hence
 /// relaxed atomics rather than a lock of its own. A copy of a message is a new message to the
 /// store (its content may differ), and the note is no part of a message's value.
 #[derive(Default)]
@@ -43,7 +43,7 @@ pub struct StoredAt {
 }
 
 impl StoredAt {
-    /// The record id if the message was written to `segment`.
+    /// The record id if the message was written to the file `segment` (a key, see above).
     pub fn id_in(&self, segment: u64) -> Option<u64> {
         let id = self.id.load(Ordering::Relaxed);
         (id != 0 && self.segment.load(Ordering::Relaxed) == segment).then_some(id)

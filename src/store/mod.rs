@@ -97,6 +97,9 @@ impl std::fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+/// Stores opened in this process so far (see `Pending::generation`).
+static STORES: AtomicU64 = AtomicU64::new(1);
+
 /// The store's figures at one moment (see `Store::figures`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct StoreFigures {
@@ -305,6 +308,9 @@ struct Pending {
     segment: u64,
     /// The next `Message` record id.
     next_message: u64,
+    /// This store's number in the process (see `STORES`): a message's note of where its
+    /// record is names the store too, since one message can reach two stores in a process.
+    generation: u64,
     /// `buf` holds a record appended with `sync` (someone waits for it): the writer has been
     /// woken to write and fsync it now.
     sync: bool,
@@ -388,13 +394,23 @@ fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
             .and_then(|s| s.parse::<u64>().ok())
         {
             out.push((n, e.path()));
-        } else if name.ends_with(".tmp") {
-            // A compaction that did not finish: its inputs are all still there.
-            let _ = std::fs::remove_file(e.path());
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// Remove what compactions that did not finish left (`*.tmp`): their inputs are all still
+/// there. Only at open: while the store runs, a `.tmp` is a compaction in progress.
+fn remove_unfinished(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_str().is_some_and(|n| n.ends_with(".tmp")) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) {
@@ -537,6 +553,7 @@ impl Store {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let lock = take_lock(&dir)?;
 
+        remove_unfinished(&dir);
         let mut files = list(&dir)?;
         let start = newest_snapshot(&files);
         // Files before the newest snapshot are covered by it: a compaction stopped before
@@ -602,6 +619,7 @@ impl Store {
             pending: Mutex::new(Pending {
                 segment: next,
                 next_message: 1,
+                generation: STORES.fetch_add(1, Ordering::Relaxed),
                 ..Pending::default()
             }),
             wake: Condvar::new(),
@@ -619,6 +637,7 @@ impl Store {
             torn: false,
             sealed: Arc::new(Mutex::new(sealed)),
             compacting: Arc::new(AtomicBool::new(false)),
+            compaction: None,
         };
         let handle = std::thread::Builder::new()
             .name("tether-store".into())
@@ -701,7 +720,8 @@ impl Store {
     pub fn append_enqueue(&self, incarnation: u64, d: &Delivery) {
         let mut p = self.shared.lock();
         self.flush_local(&mut p);
-        let segment = p.segment;
+        // The file in this store: segment numbers stay far below 2^40.
+        let segment = p.generation << 40 | p.segment;
         let id = match d.msg.stored.id_in(segment) {
             Some(id) => id,
             None => {
@@ -908,6 +928,9 @@ struct Writer {
     /// Closed files, oldest first.
     sealed: Arc<Mutex<Vec<u64>>>,
     compacting: Arc<AtomicBool>,
+    /// The compaction thread last started: joined before the writer ends, so that closing
+    /// the store (which joins the writer) leaves no thread renaming or deleting its files.
+    compaction: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Whether a record nobody waits for should still be written without delay. A packet id
@@ -930,6 +953,13 @@ const RETRY: Duration = Duration::from_secs(1);
 
 impl Writer {
     fn run(&mut self) {
+        self.write_until_closed();
+        if let Some(h) = self.compaction.take() {
+            let _ = h.join();
+        }
+    }
+
+    fn write_until_closed(&mut self) {
         let mut batch: Vec<u8> = Vec::new();
         let mut blocks: Vec<usize> = Vec::new();
         let mut batch_lsn = 0u64;
@@ -1063,6 +1093,9 @@ impl Writer {
                     info!("store writable again; accepting QoS 1/2 messages");
                     failing = false;
                     self.shared.failed.store(false, Ordering::Relaxed);
+                    // Also when what succeeded was a roll and no batch reported: waiters
+                    // must not keep seeing the failure.
+                    self.shared.durable.send_modify(|d| d.failed = false);
                 }
                 Ok(()) => {}
                 Err(e) => {
@@ -1164,8 +1197,14 @@ impl Writer {
                     }
                     flag.store(false, Ordering::Release);
                 });
-            if spawned.is_err() {
-                self.compacting.store(false, Ordering::Release);
+            match spawned {
+                Ok(h) => {
+                    // The previous one has finished (the flag was clear): reap it.
+                    if let Some(old) = self.compaction.replace(h) {
+                        let _ = old.join();
+                    }
+                }
+                Err(_) => self.compacting.store(false, Ordering::Release),
             }
         }
         Ok(())

@@ -520,3 +520,132 @@ fn acknowledgements_are_written_lazily_and_sync_records_at_once() {
     until("durable", || store.durable_lsn() >= lsn);
     assert!(active_len(&dir.0) > before, "durable means written");
 }
+
+/// One message reaching two stores of one process is written to each: the note of where its
+/// record is names the store, not only the file number (both stores are at file 1).
+#[test]
+fn a_message_shared_by_two_stores_is_written_to_each() {
+    let (d1, d2) = (TempDir::new("two1"), TempDir::new("two2"));
+    let (s1, s2) = (open(&d1.0).store, open(&d2.0).store);
+    let (a, b) = (session(&s1, "a"), session(&s2, "b"));
+    let shared = delivery(QoS::AtLeastOnce, b"shared");
+    a.enqueue(&queued(&shared, 1));
+    b.enqueue(&queued(&delivery(QoS::AtLeastOnce, b"other"), 1));
+    b.enqueue(&queued(&shared, 2));
+    s1.close();
+    s2.close();
+    drop((s1, s2));
+    let st = open(&d2.0).state;
+    let q = &st.by_client("b").expect("b").queue;
+    assert_eq!(&q[&1].delivery.msg.payload[..], b"other");
+    assert_eq!(&q[&2].delivery.msg.payload[..], b"shared");
+}
+
+/// A new file that cannot be started (its name is taken by a directory) is a write failure;
+/// once it can, the store recovers, and connections waiting for durability no longer see
+/// the failure.
+#[test]
+fn a_failed_roll_fails_the_store_until_it_succeeds() {
+    let dir = TempDir::new("rollfail");
+    let store = open(&dir.0).store;
+    let filler = session(&store, "filler");
+    let next = super::list(&dir.0).expect("list").last().expect("a file").0 + 1;
+    let blocker = dir.0.join(super::file_name(next));
+    std::fs::create_dir(&blocker).expect("blocker");
+    for seq in 1..400 {
+        filler.done(seq);
+    }
+    synced(&store);
+    until("the failure", || store.is_failed());
+    std::fs::remove_dir(&blocker).expect("remove blocker");
+    until("recovery", || !store.is_failed());
+    let lsn = synced(&store);
+    let mut rx = store.durable();
+    let durable = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(Store::wait_durable(&mut rx, lsn));
+    assert!(durable, "still failed for waiters: {:?}", *rx.borrow());
+}
+
+/// Figures for /metrics read the directory without touching it: a compaction's `.tmp` in
+/// progress stays.
+#[test]
+fn figures_leave_a_compaction_in_progress_alone() {
+    let dir = TempDir::new("figures");
+    let store = open(&dir.0).store;
+    let tmp = dir.0.join("0000000000000009.tmp");
+    std::fs::write(&tmp, b"x").expect("tmp");
+    assert!(store.figures().bytes > 0);
+    assert!(tmp.exists());
+}
+
+/// Six threads append queue entries sharing eight messages, with packet ids and completions,
+/// through batches, over many 4 KiB files (rolls and compactions under way); the store is
+/// closed and reopened at once: every entry still queued comes back with its own message,
+/// none finished comes back.
+#[test]
+fn concurrent_appends_across_rolls_replay_exactly() {
+    use crate::session::OutState::AwaitPubAck;
+    let dir = TempDir::new("stress");
+    let store = open(&dir.0).store;
+    let msgs: Arc<Vec<Delivery>> = Arc::new(
+        (0..8u8)
+            .map(|i| Delivery {
+                msg: Arc::new(Message {
+                    payload: Bytes::from(vec![b'a' + i; 100]),
+                    ..(*delivery(QoS::AtLeastOnce, b"").msg).clone()
+                }),
+                ..delivery(QoS::AtLeastOnce, b"")
+            })
+            .collect(),
+    );
+    let threads: Vec<_> = (0..6u64)
+        .map(|t| {
+            let (store, msgs) = (store.clone(), msgs.clone());
+            std::thread::spawn(move || {
+                let s = session(&store, &format!("c{t}"));
+                let mut expect = std::collections::BTreeMap::new();
+                let (mut seq, mut pid) = (1u64, 1u16);
+                for round in 0..400u64 {
+                    let _batch = store.batch();
+                    for k in 0..5 {
+                        let m = &msgs[((round + k + t) % 8) as usize];
+                        s.enqueue(&queued(m, seq));
+                        expect.insert(seq, m.msg.payload.clone());
+                        if seq % 3 == 0 {
+                            s.sent(seq, pid, AwaitPubAck, false);
+                            pid = record::packet_id_after(pid, 1);
+                        }
+                        if seq % 2 == 0 {
+                            s.done(seq);
+                            expect.remove(&seq);
+                        }
+                        seq += 1;
+                    }
+                }
+                (format!("c{t}"), expect)
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    store.close();
+    drop(store);
+    let reopened = open(&dir.0);
+    assert!(reopened.dropped.is_empty(), "{:?}", reopened.dropped);
+    for (id, expect) in results {
+        let got: std::collections::BTreeMap<u64, Bytes> = reopened
+            .state
+            .by_client(&id)
+            .expect("session")
+            .queue
+            .iter()
+            .map(|(seq, e)| (*seq, e.delivery.msg.payload.clone()))
+            .collect();
+        assert_eq!(got, expect, "{id}");
+    }
+}
