@@ -322,7 +322,18 @@ fn publish(mut p: TcpStream, mut buf: Buf, count: usize, window: usize) {
     acks.join().expect("acks");
 }
 
-fn run(port: u16, mut child: Child, window: usize) -> f64 {
+/// The broker of one run, killed (by its own pid) when the run ends, also when it panics.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(port: u16, child: Child, window: usize) -> f64 {
+    let _broker = Running(child);
     let n = messages();
     // Subscribers: persistent sessions, subscribed, then reading and acknowledging.
     let mut subs = Vec::new();
@@ -387,8 +398,5 @@ fn run(port: u16, mut child: Child, window: usize) -> f64 {
         s.join().expect("subscriber");
     }
     let secs = started.elapsed().as_secs_f64();
-    let rate = n as f64 / secs;
-    let _ = child.kill();
-    let _ = child.wait();
-    rate
+    n as f64 / secs
 }
