@@ -1240,23 +1240,10 @@ pub fn compact(dir: &Path, numbers: &[u64]) -> Result<(), StoreError> {
     let mut out = Vec::with_capacity(record::BLOCK_TARGET + 4096);
     out.extend_from_slice(&record::header(FileKind::Snapshot));
     let mut f = File::create(&tmp).map_err(io(&tmp))?;
-    let mut at = record::open_block(&mut out);
-    for rec in state.records() {
-        record::encode_record(&rec, &mut out);
-        if out.len() - at >= record::BLOCK_TARGET {
-            let end = out.len();
-            record::seal_block(&mut out, at, end);
-            f.write_all(&out).map_err(io(&tmp))?;
-            out.clear();
-            at = record::open_block(&mut out);
-        }
-    }
-    let end = out.len();
-    if end == at + record::BLOCK_HEADER {
-        out.truncate(at);
-    } else {
-        record::seal_block(&mut out, at, end);
-    }
+    record::encode_blocks(state.records(), &mut out, |full| {
+        f.write_all(full).map(|()| full.clear())
+    })
+    .map_err(io(&tmp))?;
     f.write_all(&out)
         .and_then(|_| f.sync_all())
         .map_err(io(&tmp))?;

@@ -402,17 +402,24 @@ pub fn seal_block(buf: &mut [u8], at: usize, end: usize) {
     buf[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Append `records` (each from `encode_record`) to `out` as sealed blocks of about
-/// `BLOCK_TARGET` bytes: what compaction writes.
-pub fn encode_blocks(records: impl IntoIterator<Item = Record>, out: &mut Vec<u8>) {
+/// Append `records` to `out` as sealed blocks of about `BLOCK_TARGET` bytes: what
+/// compaction writes. `spill` is handed `out` after each full block (compaction writes it to
+/// the file and clears it, so the snapshot never sits whole in memory); the last block is
+/// left in `out`.
+pub fn encode_blocks<E>(
+    records: impl IntoIterator<Item = Record>,
+    out: &mut Vec<u8>,
+    mut spill: impl FnMut(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<(), E> {
     let mut at = open_block(out);
     for rec in records {
+        encode_record(&rec, out);
         if out.len() - at >= BLOCK_TARGET {
             let end = out.len();
             seal_block(out, at, end);
+            spill(out)?;
             at = open_block(out);
         }
-        encode_record(&rec, out);
     }
     let end = out.len();
     if end == at + BLOCK_HEADER {
@@ -420,6 +427,7 @@ pub fn encode_blocks(records: impl IntoIterator<Item = Record>, out: &mut Vec<u8
     } else {
         seal_block(out, at, end);
     }
+    Ok(())
 }
 
 fn put_u16(o: &mut Vec<u8>, v: u16) {
@@ -1130,7 +1138,7 @@ mod tests {
     fn records_round_trip() {
         let recs = sample_records();
         let mut buf = Vec::new();
-        encode_blocks(recs.clone(), &mut buf);
+        encode_blocks(recs.clone(), &mut buf, |_| Ok::<(), ()>(())).expect("no spill error");
         assert_eq!(read_all(&buf).unwrap(), recs);
     }
 
@@ -1143,7 +1151,7 @@ mod tests {
         }));
         let recs: Vec<Record> = (0..7).map(|_| big.clone()).collect();
         let mut buf = Vec::new();
-        encode_blocks(recs.clone(), &mut buf);
+        encode_blocks(recs.clone(), &mut buf, |_| Ok::<(), ()>(())).expect("no spill error");
         let mut blocks = 0;
         let mut at = 0;
         while let Block::Ok(_, n) = next_block(&buf[at..]) {
@@ -1157,7 +1165,7 @@ mod tests {
         assert_eq!(read_all(&buf).unwrap(), recs);
 
         let mut small = Vec::new();
-        encode_blocks(sample_records(), &mut small);
+        encode_blocks(sample_records(), &mut small, |_| Ok::<(), ()>(())).expect("no spill error");
         let mut bad = small.clone();
         bad[BLOCK_HEADER + 3] ^= 1;
         assert_eq!(read_all(&bad).unwrap_err(), "checksum mismatch");
