@@ -9,7 +9,7 @@
 #
 # Environment: REPEAT (3), DURATION (seconds of publishing per throughput run, 2),
 # CLIENTS (idle connections, 10000), SESSIONS (1000), PER_SESSION (10), ONLY (groups among
-# fan-in pairs fan-out latency cpu connections sessions), OUT (raw RESULT lines,
+# fan-in pairs fan-out slow-consumer latency cpu connections sessions), OUT (raw RESULT lines,
 # target/compare/results.txt). Needs /usr/sbin/mosquitto (Mosquitto 2.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ DURATION=${DURATION:-2}
 CLIENTS=${CLIENTS:-10000}
 SESSIONS=${SESSIONS:-1000}
 PER_SESSION=${PER_SESSION:-10}
-ONLY=${ONLY:-"fan-in pairs fan-out latency cpu connections sessions"}
+ONLY=${ONLY:-"fan-in pairs fan-out slow-consumer latency cpu connections sessions"}
 OUT=${OUT:-target/compare/results.txt}
 MOSQUITTO=${MOSQUITTO:-/usr/sbin/mosquitto}
 TETHER_ADDR=127.0.0.1:18884
@@ -126,6 +126,9 @@ for group in $ONLY; do
   fan-in) throughput fan-in "fan-in --publishers 8" 3 ;;
   pairs) throughput pairs "pairs --publishers 16" 3 ;;
   fan-out) throughput fan-out "fan-out --subscribers 50" 8 ;;
+  # Fan-in to one healthy subscriber with one stuck subscriber (never reads its socket) on
+  # the same filter: the healthy one's delivered rate and loss.
+  slow-consumer) throughput slow-consumer "fan-in --publishers 8 --stuck 1" 3 ;;
   latency)
     for proto in 3 5; do
       for qos in 0 1; do

@@ -74,6 +74,11 @@ struct Opts {
     /// Subscribers (fan-out).
     #[arg(long, default_value_t = 50)]
     subscribers: usize,
+    /// Stuck subscribers beside the normal ones (fan-in, fan-out, pairs, latency): each
+    /// subscribes to the first subscriber's filter and then never reads its socket again (a
+    /// frozen device that kept its TCP connection). Not counted in the results.
+    #[arg(long, default_value_t = 0)]
+    stuck: usize,
     /// Connections / sessions (connections, sessions).
     #[arg(long, default_value_t = 1000)]
     clients: usize,
@@ -824,6 +829,14 @@ async fn run_flow(o: &Opts) -> Result<Out, String> {
             None,
         )));
     }
+    // Held (unread) until the run ends.
+    let mut stuck = Vec::new();
+    for i in 0..o.stuck {
+        let (mut s, mut buf, _) =
+            connect(o.addr, v5, &format!("ld-{run}-stuck{i}"), true, 0).await?;
+        subscribe(&mut s, &mut buf, v5, &t.sub_filters[0], o.qos).await?;
+        stuck.push(s);
+    }
     let mut conns = Vec::new();
     for (i, _) in t.pub_topics.iter().enumerate() {
         conns.push(connect(o.addr, v5, &format!("ld-{run}-p{i}"), true, 0).await?);
@@ -943,6 +956,8 @@ async fn run_flow(o: &Opts) -> Result<Out, String> {
         out.set("rss_kib", r);
     }
     out.set("errors", errors.len());
+    out.set("stuck", stuck.len());
+    drop(stuck);
     for e in errors.iter().take(3) {
         eprintln!("load: error: {e}");
     }

@@ -95,6 +95,7 @@ fn bench_route(h: &mut Harness, subscribers: usize) {
         max_bytes: usize::MAX,
         overflow: OverflowPolicy::DropNew,
         queue_qos0_offline: true,
+        slow_drop_qos0: true,
     };
     let sub = Subscription {
         qos: QoS::AtLeastOnce,

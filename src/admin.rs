@@ -235,6 +235,10 @@ pub struct Figures {
     pub wills_published: u64,
     /// Connections closed for protocol errors since start.
     pub protocol_errors: u64,
+    /// Online sessions marked slow now.
+    pub slow_consumers: u64,
+    /// Times a subscriber was marked slow since start.
+    pub slow_consumers_marked: u64,
     /// The store's figures; `None` with persistence off.
     pub store: Option<crate::store::StoreFigures>,
 }
@@ -263,6 +267,7 @@ pub async fn figures(broker: &Broker) -> Figures {
             ("too_large", Stats::get(&s.dropped_too_large)),
             ("expired", Stats::get(&s.dropped_expired)),
             ("retained_full", Stats::get(&s.dropped_retained_full)),
+            ("slow_qos0", Stats::get(&s.dropped_slow_qos0)),
         ],
         inflight: all.iter().map(|i| i.inflight as u64).sum(),
         queued_messages: all.iter().map(|i| i.queued_messages as u64).sum(),
@@ -273,6 +278,8 @@ pub async fn figures(broker: &Broker) -> Figures {
         sessions_refused: Stats::get(&s.sessions_refused),
         wills_published: Stats::get(&s.wills_published),
         protocol_errors: Stats::get(&s.protocol_errors),
+        slow_consumers: all.iter().filter(|i| i.slow).count() as u64,
+        slow_consumers_marked: Stats::get(&s.slow_consumers_marked),
         store: broker.store.as_ref().map(|st| st.figures()),
     }
 }
@@ -416,6 +423,18 @@ pub fn prometheus(f: &Figures) -> String {
         "Connections closed for protocol errors.",
         &[("", f.protocol_errors)],
     );
+    metric(
+        "tether_slow_consumers",
+        "gauge",
+        "Online sessions marked slow (they hold no publisher back; only their own limits apply).",
+        &[("", f.slow_consumers)],
+    );
+    metric(
+        "tether_slow_consumers_marked_total",
+        "counter",
+        "Times a subscriber was marked slow.",
+        &[("", f.slow_consumers_marked)],
+    );
     if let Some(st) = &f.store {
         metric(
             "tether_store_bytes",
@@ -492,6 +511,7 @@ pub fn sys_topics(f: &Figures) -> Vec<(String, String)> {
         ("sessions/expired".into(), f.sessions_expired.to_string()),
         ("wills/published".into(), f.wills_published.to_string()),
         ("protocol errors".into(), f.protocol_errors.to_string()),
+        ("clients/slow".into(), f.slow_consumers.to_string()),
     ];
     for (cause, n) in &f.dropped {
         t.push((format!("publish/messages/dropped/{cause}"), n.to_string()));

@@ -155,6 +155,13 @@ pub struct SessionConfig {
     pub queue_overflow: OverflowPolicy,
     /// Queue QoS 0 messages for offline persistent sessions (Mosquitto's `queue_qos0_messages`).
     pub queue_qos0_offline: bool,
+    /// Milliseconds a publisher is held back by one congested subscriber queue per episode;
+    /// a queue whose connection took nothing during such a wait is marked slow and holds
+    /// nobody back until it drains below half.
+    pub slow_consumer_after_ms: u64,
+    /// While a queue is marked slow, drop QoS 0 messages for it instead of queuing them
+    /// (QoS 1/2 are queued up to the limits, then `queue_overflow` applies).
+    pub slow_consumer_drop_qos0: bool,
     /// Subscriptions one session may hold; a SUBSCRIBE past it gets failure for the new filters.
     pub max_subscriptions: usize,
     /// Upper bound, in seconds, on how long a 3.1.1 persistent session (Clean Session = 0)
@@ -181,6 +188,8 @@ impl Default for SessionConfig {
             max_queued_bytes: 16 * 1024 * 1024,
             queue_overflow: OverflowPolicy::DropNew,
             queue_qos0_offline: false,
+            slow_consumer_after_ms: 1000,
+            slow_consumer_drop_qos0: true,
             max_subscriptions: 1000,
             persistent_session_max_lifetime_secs: 0,
             max_session_expiry_secs: u32::MAX,
@@ -192,6 +201,11 @@ impl Default for SessionConfig {
 }
 
 impl SessionConfig {
+    /// The back-pressure bound (`slow_consumer_after_ms`).
+    pub fn slow_consumer_after(&self) -> Duration {
+        Duration::from_millis(self.slow_consumer_after_ms)
+    }
+
     /// The configured bound on a 3.1.1 persistent session's offline lifetime, if any.
     pub fn persistent_lifetime(&self) -> Option<Duration> {
         match self.persistent_session_max_lifetime_secs {
@@ -324,6 +338,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "session.max_queued_bytes",
     "session.queue_overflow",
     "session.queue_qos0_offline",
+    "session.slow_consumer_drop_qos0",
 ];
 
 impl Config {

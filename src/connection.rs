@@ -531,6 +531,10 @@ async fn main_loop(
     tokio::pin!(sleep);
     let (rd, mut wr) = stream.split();
     let store = conn.broker.store.clone();
+    let slow_after = conn.broker.config.session.slow_consumer_after();
+    // The queues holding this publisher back in the current episode, with their progress
+    // when it began.
+    let mut episode: Vec<(Arc<Mailbox>, u64)> = Vec::new();
 
     loop {
         // The records of this pass (one per PUBLISH sent, one per acknowledgement) reach the
@@ -600,11 +604,17 @@ async fn main_loop(
         let blocked = std::mem::take(&mut conn.blocked);
         let blocked_until = if blocked.is_empty() {
             conn.blocked_until = None;
+            episode.clear();
             Instant::now()
         } else {
+            if conn.blocked_until.is_none() {
+                // A new episode: note each queue's progress, to tell slow from stuck at its end.
+                episode.clear();
+                episode.extend(blocked.iter().map(|m| (m.clone(), m.progress())));
+            }
             *conn
                 .blocked_until
-                .get_or_insert_with(|| Instant::now() + BACKPRESSURE_MAX_WAIT)
+                .get_or_insert_with(|| Instant::now() + slow_after)
         };
         // An idle connection holds no read buffer: it waits for readiness, and the buffer is
         // allocated only to read (thousands of idle clients would otherwise keep 8 KiB each).
@@ -654,6 +664,11 @@ async fn main_loop(
             _ = session.mailbox.notified(), if room => {}
             _ = drained(&blocked, blocked_until), if !blocked.is_empty() => {
                 conn.blocked_until = None;
+                if Instant::now() >= blocked_until {
+                    Stats::incr(&conn.broker.stats.backpressure_timeouts);
+                    mark_stalled(&conn.broker, &episode);
+                }
+                episode.clear();
                 continue;
             }
             _ = &mut sleep, if keep_alive.is_some() && blocked.is_empty() => return Exit::KeepAliveTimeout,
@@ -663,12 +678,24 @@ async fn main_loop(
     }
 }
 
-/// Longest a publisher is held back by one congested subscriber queue; after that it goes on
-/// and the queue's limit and overflow policy apply (a stuck subscriber cannot stall it).
-const BACKPRESSURE_MAX_WAIT: Duration = Duration::from_secs(1);
+/// A back-pressure episode ran to its bound (`session.slow_consumer_after_ms`): every queue
+/// of it whose connection took nothing meanwhile is marked slow, so it holds no publisher back
+/// again until it drains (a stuck subscriber costs each publisher one bound, not one per
+/// message).
+fn mark_stalled(broker: &Broker, episode: &[(Arc<Mailbox>, u64)]) {
+    for (m, since) in episode {
+        if m.mark_slow_if_stalled(*since) {
+            Stats::incr(&broker.stats.slow_consumers_marked);
+            debug!(
+                queued = m.len(),
+                "subscriber marked slow: no progress while holding a publisher back"
+            );
+        }
+    }
+}
 
 /// Resolves when every queue in `blocked` has drained, or at `until` (the end of this
-/// back-pressure episode, `BACKPRESSURE_MAX_WAIT` after it began).
+/// back-pressure episode, `session.slow_consumer_after_ms` after it began).
 async fn drained(blocked: &[Arc<Mailbox>], until: Instant) {
     let _ = tokio::time::timeout_at(until, async {
         for m in blocked {

@@ -31,6 +31,13 @@ pub struct SessionInfo {
     pub inflight: usize,
     /// A will is waiting: the connection's will while online, a delayed will while offline.
     pub will: bool,
+    /// Marked slow now: it took nothing while holding a publisher back for the whole
+    /// `session.slow_consumer_after_ms`, so it holds nobody back and only its limits apply.
+    #[serde(default)]
+    pub slow: bool,
+    /// Messages this session's queue has dropped (queue limits, or QoS 0 while slow).
+    #[serde(default)]
+    pub dropped_messages: u64,
 }
 
 /// One subscription in a [`SessionInfo`].
@@ -85,6 +92,8 @@ impl SessionInfo {
             queued_bytes: session.mailbox.bytes(),
             inflight: session.inflight_len(),
             will,
+            slow: session.mailbox.is_slow(),
+            dropped_messages: session.mailbox.dropped(),
         }
     }
 }

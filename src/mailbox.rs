@@ -32,6 +32,8 @@ pub struct QueueLimits {
     pub overflow: OverflowPolicy,
     /// Whether QoS 0 messages are queued while the session is offline.
     pub queue_qos0_offline: bool,
+    /// Whether QoS 0 messages are dropped, not queued, while the queue is marked slow.
+    pub slow_drop_qos0: bool,
 }
 
 impl From<&SessionConfig> for QueueLimits {
@@ -41,6 +43,7 @@ impl From<&SessionConfig> for QueueLimits {
             max_bytes: c.max_queued_bytes,
             overflow: c.queue_overflow,
             queue_qos0_offline: c.queue_qos0_offline,
+            slow_drop_qos0: c.slow_consumer_drop_qos0,
         }
     }
 }
@@ -55,6 +58,14 @@ struct Inner {
     log: Option<std::sync::Arc<SessionLog>>,
     /// Next stored-queue number.
     next_seq: u64,
+    /// Deliveries taken by the connection so far: its progress, compared by a held-back
+    /// publisher before and after its wait (see `mark_slow_if_stalled`).
+    pops: u64,
+    /// Marked slow: a publisher waited the whole bound for this queue and it took nothing.
+    /// A slow queue holds nobody back; cleared once it drains below half or (re)attaches.
+    slow: bool,
+    /// Messages this queue dropped at its limits or while slow (per-session counter).
+    dropped: u64,
 }
 
 /// What happened to a pushed delivery.
@@ -68,6 +79,8 @@ pub enum Pushed {
     DroppedFull,
     /// Dropped: QoS 0 for an offline session with `queue_qos0_offline = false`.
     DroppedQos0Offline,
+    /// Dropped: QoS 0 for a queue marked slow (`slow_consumer_drop_qos0 = true`).
+    DroppedSlow,
     /// Dropped: the session has ended.
     Closed,
 }
@@ -113,6 +126,8 @@ impl Mailbox {
             }
             if !q.online && d.qos == QoS::AtMostOnce && !self.limits.queue_qos0_offline {
                 Pushed::DroppedQos0Offline
+            } else if q.slow && d.qos == QoS::AtMostOnce && self.limits.slow_drop_qos0 {
+                Pushed::DroppedSlow
             } else if size > self.limits.max_bytes {
                 Pushed::DroppedFull
             } else {
@@ -144,6 +159,7 @@ impl Mailbox {
                             }
                         }
                         q.bytes += size;
+                        q.dropped += dropped as u64;
                         q.queue.push_back(d);
                         if dropped > 0 {
                             Pushed::QueuedDroppingOldest(dropped)
@@ -154,6 +170,9 @@ impl Mailbox {
                 }
             }
         };
+        if matches!(outcome, Pushed::DroppedFull | Pushed::DroppedSlow) {
+            self.lock().dropped += 1;
+        }
         match outcome {
             Pushed::Queued => self.notify.notify_one(),
             Pushed::QueuedDroppingOldest(n) => {
@@ -164,6 +183,7 @@ impl Mailbox {
             }
             Pushed::DroppedFull => Stats::incr(&stats.dropped_queue_full),
             Pushed::DroppedQos0Offline => Stats::incr(&stats.dropped_qos0_offline),
+            Pushed::DroppedSlow => Stats::incr(&stats.dropped_slow_qos0),
             Pushed::Closed => {}
         }
         outcome
@@ -174,6 +194,7 @@ impl Mailbox {
         let mut q = self.lock();
         let d = q.queue.pop_front()?;
         q.bytes -= d.size();
+        q.pops += 1;
         self.wake_if_drained(q, d.size());
         Some(d)
     }
@@ -188,6 +209,7 @@ impl Mailbox {
         }
         let d = q.queue.pop_front()?;
         q.bytes -= d.size();
+        q.pops += 1;
         self.wake_if_drained(q, d.size());
         Some(d)
     }
@@ -195,10 +217,43 @@ impl Mailbox {
     /// Back-pressure: is this queue at least half full (messages or bytes) while a connection
     /// drains it? A publisher that just queued into such a queue stops reading until it
     /// drains (`drained`), so a slow subscriber slows its publishers instead of losing their
-    /// messages at the limit. Offline and closed queues never hold anyone back.
+    /// messages at the limit. Offline, closed and slow queues never hold anyone back.
     pub fn congested(&self) -> bool {
         let q = self.lock();
-        q.online && !q.closed && self.over_half(q.queue.len(), q.bytes)
+        q.online && !q.closed && !q.slow && self.over_half(q.queue.len(), q.bytes)
+    }
+
+    /// The connection's progress so far: how many deliveries it has taken. A publisher
+    /// notes it when it starts waiting for this queue.
+    pub fn progress(&self) -> u64 {
+        self.lock().pops
+    }
+
+    /// A publisher waited the whole back-pressure bound for this queue: if the connection has
+    /// taken nothing since `since` (its `progress` when the wait began) and the queue is still
+    /// congested, mark it slow, so it holds nobody back from now on and only its own limits
+    /// apply. True when this call marked it.
+    pub fn mark_slow_if_stalled(&self, since: u64) -> bool {
+        let mut q = self.lock();
+        let stalled = q.online
+            && !q.closed
+            && !q.slow
+            && q.pops == since
+            && self.over_half(q.queue.len(), q.bytes);
+        if stalled {
+            q.slow = true;
+        }
+        stalled
+    }
+
+    /// Marked slow now (see `mark_slow_if_stalled`).
+    pub fn is_slow(&self) -> bool {
+        self.lock().slow
+    }
+
+    /// Messages this queue has dropped at its limits or while slow.
+    pub fn dropped(&self) -> u64 {
+        self.lock().dropped
     }
 
     fn over_half(&self, len: usize, bytes: usize) -> bool {
@@ -206,9 +261,13 @@ impl Mailbox {
     }
 
     /// After a pop of `size` bytes: wake held-back publishers when that crossed below half.
-    fn wake_if_drained(&self, q: MutexGuard<'_, Inner>, size: usize) {
+    /// A slow queue that drains below half is normal again.
+    fn wake_if_drained(&self, mut q: MutexGuard<'_, Inner>, size: usize) {
         let crossed = self.over_half(q.queue.len() + 1, q.bytes + size)
             && !self.over_half(q.queue.len(), q.bytes);
+        if crossed || q.queue.is_empty() {
+            q.slow = false;
+        }
         drop(q);
         if crossed {
             self.space.notify_waiters();
@@ -254,7 +313,11 @@ impl Mailbox {
 
     /// Mark the session attached to a connection (queue QoS 0) or not.
     pub fn set_online(&self, online: bool) {
-        self.lock().online = online;
+        let mut q = self.lock();
+        q.online = online;
+        // A new connection (or none) starts with a clean record.
+        q.slow = false;
+        drop(q);
         if !online {
             self.space.notify_waiters();
         }
@@ -306,7 +369,69 @@ mod tests {
             max_bytes,
             overflow,
             queue_qos0_offline: false,
+            slow_drop_qos0: true,
         }
+    }
+
+    #[test]
+    fn stalled_queue_is_marked_slow_and_stops_holding_back() {
+        let stats = Stats::default();
+        let mb = Mailbox::new(limits(4, 1000, OverflowPolicy::DropNew));
+        mb.set_online(true);
+        for _ in 0..2 {
+            mb.push(delivery(QoS::AtLeastOnce, b"x"), &stats);
+        }
+        assert!(mb.congested());
+        let since = mb.progress();
+        // The connection took one message meanwhile: slower, not stuck.
+        mb.push(delivery(QoS::AtLeastOnce, b"x"), &stats);
+        assert!(mb.pop().is_some());
+        assert!(!mb.mark_slow_if_stalled(since));
+        assert!(mb.congested());
+        // Nothing taken during the next wait: slow, and nobody is held back by it.
+        let since = mb.progress();
+        assert!(mb.mark_slow_if_stalled(since));
+        assert!(!mb.mark_slow_if_stalled(since), "marked once");
+        assert!(mb.is_slow());
+        assert!(!mb.congested());
+        // QoS 0 is dropped while slow; QoS 1 still queued up to the limit, then dropped.
+        assert_eq!(
+            mb.push(delivery(QoS::AtMostOnce, b"x"), &stats),
+            Pushed::DroppedSlow
+        );
+        for _ in 0..2 {
+            assert_eq!(
+                mb.push(delivery(QoS::AtLeastOnce, b"x"), &stats),
+                Pushed::Queued
+            );
+        }
+        assert_eq!(
+            mb.push(delivery(QoS::AtLeastOnce, b"x"), &stats),
+            Pushed::DroppedFull
+        );
+        assert_eq!(Stats::get(&stats.dropped_slow_qos0), 1);
+        assert_eq!(mb.dropped(), 2);
+        // Draining below half (2 of 4) makes it normal again.
+        mb.pop();
+        mb.pop();
+        assert!(mb.is_slow());
+        mb.pop();
+        assert!(!mb.is_slow());
+        mb.push(delivery(QoS::AtLeastOnce, b"x"), &stats);
+        assert!(mb.congested());
+    }
+
+    #[test]
+    fn attaching_clears_slow() {
+        let stats = Stats::default();
+        let mb = Mailbox::new(limits(2, 1000, OverflowPolicy::DropNew));
+        mb.set_online(true);
+        mb.push(delivery(QoS::AtLeastOnce, b"x"), &stats);
+        assert!(mb.mark_slow_if_stalled(mb.progress()));
+        mb.set_online(false);
+        mb.set_online(true);
+        assert!(!mb.is_slow());
+        assert!(mb.congested());
     }
 
     #[test]

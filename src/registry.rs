@@ -496,6 +496,7 @@ mod tests {
             max_bytes: 1000,
             overflow: OverflowPolicy::DropNew,
             queue_qos0_offline: false,
+            slow_drop_qos0: true,
         }));
         Box::new(Session::new(id.into(), ProtocolVersion::V311, mb, expiry))
     }

@@ -409,6 +409,7 @@ mod tests {
             max_bytes: 1000,
             overflow: OverflowPolicy::DropNew,
             queue_qos0_offline: false,
+            slow_drop_qos0: true,
         }));
         Session::new("c".into(), ProtocolVersion::V311, mb, EXPIRY_NEVER)
     }

@@ -22,6 +22,14 @@ pub struct Stats {
     pub dropped_queue_full: AtomicU64,
     /// QoS 0 messages not queued for an offline session (`queue_qos0_offline = false`).
     pub dropped_qos0_offline: AtomicU64,
+    /// QoS 0 messages not queued for a session marked slow (`slow_consumer_drop_qos0`).
+    pub dropped_slow_qos0: AtomicU64,
+    /// Times a subscriber queue was marked slow (no progress for `slow_consumer_after_ms`
+    /// while holding a publisher back).
+    pub slow_consumers_marked: AtomicU64,
+    /// Back-pressure episodes that ran to the bound (`slow_consumer_after_ms`) instead of
+    /// ending with the subscriber queues drained.
+    pub backpressure_timeouts: AtomicU64,
     /// Messages not sent because they exceed the client's Maximum Packet Size [MQTT-3.1.2-24].
     pub dropped_too_large: AtomicU64,
     /// Retained messages not stored because `retain.max_messages` topics already hold one.
