@@ -10,7 +10,7 @@
 # Environment: REPEAT (3), DURATION (seconds of publishing per throughput run, 2),
 # CLIENTS (idle connections, 10000), SESSIONS (1000), PER_SESSION (10), ONLY (groups among
 # fan-in pairs fan-out slow-consumer latency cpu connections sessions), OUT (raw RESULT lines,
-# target/compare/results.txt). Needs /usr/sbin/mosquitto (Mosquitto 2.0).
+# target/compare/results.txt), TETHER (binary, target/release/tether). Needs /usr/sbin/mosquitto (Mosquitto 2.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +22,8 @@ PER_SESSION=${PER_SESSION:-10}
 ONLY=${ONLY:-"fan-in pairs fan-out slow-consumer latency cpu connections sessions"}
 OUT=${OUT:-target/compare/results.txt}
 MOSQUITTO=${MOSQUITTO:-/usr/sbin/mosquitto}
+# The tether binary to measure (another build can be compared with the same load generator).
+TETHER=${TETHER:-target/release/tether}
 TETHER_ADDR=127.0.0.1:18884
 MOSQ_ADDR=127.0.0.1:18883 # must match benches/mosquitto.conf
 
@@ -44,7 +46,7 @@ BROKER_PID=
 start_broker() { # tether | mosquitto
   if [ "$1" = tether ]; then
     # Log level warn: Mosquitto is configured to log only warnings and errors too.
-    TETHER_LOG__LEVEL=warn target/release/tether -b "$TETHER_ADDR" >>"$LOGDIR/tether.log" 2>&1 &
+    TETHER_LOG__LEVEL=warn "$TETHER" -b "$TETHER_ADDR" >>"$LOGDIR/tether.log" 2>&1 &
     BROKER_PID=$!
     PORT=${TETHER_ADDR##*:}
   else

@@ -534,7 +534,7 @@ async fn main_loop(
     let slow_after = conn.broker.config.session.slow_consumer_after();
     // The queues holding this publisher back in the current episode, with their progress
     // when it began.
-    let mut episode: Vec<(Arc<Mailbox>, u64)> = Vec::new();
+    let mut episode: Vec<(Arc<Mailbox>, u32)> = Vec::new();
 
     loop {
         // The records of this pass (one per PUBLISH sent, one per acknowledgement) reach the
@@ -682,7 +682,7 @@ async fn main_loop(
 /// of it whose connection took nothing meanwhile is marked slow, so it holds no publisher back
 /// again until it drains (a stuck subscriber costs each publisher one bound, not one per
 /// message).
-fn mark_stalled(broker: &Broker, episode: &[(Arc<Mailbox>, u64)]) {
+fn mark_stalled(broker: &Broker, episode: &[(Arc<Mailbox>, u32)]) {
     for (m, since) in episode {
         if m.mark_slow_if_stalled(*since) {
             Stats::incr(&broker.stats.slow_consumers_marked);

@@ -58,9 +58,10 @@ struct Inner {
     log: Option<std::sync::Arc<SessionLog>>,
     /// Next stored-queue number.
     next_seq: u64,
-    /// Deliveries taken by the connection so far: its progress, compared by a held-back
+    /// Deliveries taken by the connection so far (wrapping: only compared for equality
+    /// across one wait, and 32 bits keep the parked session small): its progress, compared by a held-back
     /// publisher before and after its wait (see `mark_slow_if_stalled`).
-    pops: u64,
+    pops: u32,
     /// Marked slow: a publisher waited the whole bound for this queue and it took nothing.
     /// A slow queue holds nobody back; cleared once it drains below half or (re)attaches.
     slow: bool,
@@ -194,7 +195,7 @@ impl Mailbox {
         let mut q = self.lock();
         let d = q.queue.pop_front()?;
         q.bytes -= d.size();
-        q.pops += 1;
+        q.pops = q.pops.wrapping_add(1);
         self.wake_if_drained(q, d.size());
         Some(d)
     }
@@ -209,7 +210,7 @@ impl Mailbox {
         }
         let d = q.queue.pop_front()?;
         q.bytes -= d.size();
-        q.pops += 1;
+        q.pops = q.pops.wrapping_add(1);
         self.wake_if_drained(q, d.size());
         Some(d)
     }
@@ -225,7 +226,7 @@ impl Mailbox {
 
     /// The connection's progress so far: how many deliveries it has taken. A publisher
     /// notes it when it starts waiting for this queue.
-    pub fn progress(&self) -> u64 {
+    pub fn progress(&self) -> u32 {
         self.lock().pops
     }
 
@@ -233,7 +234,7 @@ impl Mailbox {
     /// taken nothing since `since` (its `progress` when the wait began) and the queue is still
     /// congested, mark it slow, so it holds nobody back from now on and only its own limits
     /// apply. True when this call marked it.
-    pub fn mark_slow_if_stalled(&self, since: u64) -> bool {
+    pub fn mark_slow_if_stalled(&self, since: u32) -> bool {
         let mut q = self.lock();
         let stalled = q.online
             && !q.closed
