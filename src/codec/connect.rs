@@ -286,7 +286,8 @@ pub(crate) fn decode_connack(
     };
     r.finish()?;
     Ok(ConnAck {
-        session_present: ack_flags & 1 != 0,
+        // 3.1 has no such flag (the byte is reserved).
+        session_present: ack_flags & 1 != 0 && version != ProtocolVersion::V31,
         reason,
         properties,
     })
@@ -297,7 +298,10 @@ pub(crate) fn encode_connack(
     version: ProtocolVersion,
     out: &mut BytesMut,
 ) -> Result<(), EncodeError> {
-    out.put_u8(u8::from(c.session_present));
+    // MQTT 3.1 has no Session Present flag: its first CONNACK byte is reserved and must be 0.
+    out.put_u8(u8::from(
+        c.session_present && version != ProtocolVersion::V31,
+    ));
     if !version.is_v5() {
         out.put_u8(reason_to_v3_return_code(c.reason));
         return Ok(());

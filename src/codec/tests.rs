@@ -277,7 +277,8 @@ fn all_v311_packets(v: ProtocolVersion) -> Vec<Packet> {
     vec![
         Packet::Connect(Box::new(connect(v))),
         Packet::ConnAck(ConnAck {
-            session_present: true,
+            // 3.1 cannot carry it (see connack_session_present_only_from_311_on).
+            session_present: v != V31,
             reason: ReasonCode::SUCCESS,
             properties: ConnAckProperties::default(),
         }),
@@ -1421,4 +1422,21 @@ fn fuzz_random_and_mutated_frames_never_panic() {
     }
     // Mutations must leave enough valid frames for the re-encode check to mean something.
     assert!(decoded > 10_000, "only {decoded} frames decoded");
+}
+
+/// MQTT 3.1 (protocol level 3) CONNACK: the first byte is reserved and must be 0, so a resumed
+/// session is not announced to a 3.1 client; 3.1.1 sets Session Present [MQTT-3.2.2-2].
+#[test]
+fn connack_session_present_only_from_311_on() {
+    let ack = Packet::ConnAck(ConnAck {
+        session_present: true,
+        reason: ReasonCode::SUCCESS,
+        properties: ConnAckProperties::default(),
+    });
+    let mut out = BytesMut::new();
+    encode(&ack, ProtocolVersion::V31, None, &mut out).expect("encode");
+    assert_eq!(&out[..], &[0x20, 0x02, 0x00, 0x00]);
+    out.clear();
+    encode(&ack, ProtocolVersion::V311, None, &mut out).expect("encode");
+    assert_eq!(&out[..], &[0x20, 0x02, 0x01, 0x00]);
 }
