@@ -58,9 +58,9 @@ struct Inner {
     log: Option<std::sync::Arc<SessionLog>>,
     /// Next stored-queue number.
     next_seq: u64,
-    /// Deliveries taken by the connection so far (wrapping: only compared for equality
-    /// across one wait, and 32 bits keep the parked session small): its progress, compared by a held-back
-    /// publisher before and after its wait (see `mark_slow_if_stalled`).
+    /// Deliveries taken by the connection so far: its progress, compared by a held-back
+    /// publisher before and after its wait (see `mark_slow_if_stalled`). Wrapping 32 bits:
+    /// only compared for equality across one wait, and the parked session stays small.
     pops: u32,
     /// Marked slow: a publisher waited the whole bound for this queue and it took nothing.
     /// A slow queue holds nobody back; cleared once it drains below half or (re)attaches.
@@ -125,55 +125,57 @@ impl Mailbox {
             if q.closed {
                 return Pushed::Closed;
             }
-            if !q.online && d.qos == QoS::AtMostOnce && !self.limits.queue_qos0_offline {
-                Pushed::DroppedQos0Offline
-            } else if q.slow && d.qos == QoS::AtMostOnce && self.limits.slow_drop_qos0 {
-                Pushed::DroppedSlow
-            } else if size > self.limits.max_bytes {
-                Pushed::DroppedFull
-            } else {
-                let full = |q: &Inner| {
-                    q.queue.len() >= self.limits.max_messages
-                        || q.bytes + size > self.limits.max_bytes
-                };
-                let mut dropped = 0;
-                match self.limits.overflow {
-                    OverflowPolicy::DropNew if full(&q) => Pushed::DroppedFull,
-                    _ => {
-                        while full(&q) {
-                            let Some(old) = q.queue.pop_front() else {
-                                break;
-                            };
-                            q.bytes -= old.size();
-                            dropped += 1;
-                            if let (Some(log), true) = (&q.log, old.seq != 0) {
-                                log.done(old.seq);
+            let outcome =
+                if !q.online && d.qos == QoS::AtMostOnce && !self.limits.queue_qos0_offline {
+                    Pushed::DroppedQos0Offline
+                } else if q.slow && d.qos == QoS::AtMostOnce && self.limits.slow_drop_qos0 {
+                    Pushed::DroppedSlow
+                } else if size > self.limits.max_bytes {
+                    Pushed::DroppedFull
+                } else {
+                    let full = |q: &Inner| {
+                        q.queue.len() >= self.limits.max_messages
+                            || q.bytes + size > self.limits.max_bytes
+                    };
+                    let mut dropped = 0;
+                    match self.limits.overflow {
+                        OverflowPolicy::DropNew if full(&q) => Pushed::DroppedFull,
+                        _ => {
+                            while full(&q) {
+                                let Some(old) = q.queue.pop_front() else {
+                                    break;
+                                };
+                                q.bytes -= old.size();
+                                dropped += 1;
+                                if let (Some(log), true) = (&q.log, old.seq != 0) {
+                                    log.done(old.seq);
+                                }
                             }
-                        }
-                        if d.qos != QoS::AtMostOnce && q.log.is_some() {
-                            // Written under the queue lock, so the store sees a queue's
-                            // messages in queue order and before anyone can pop them.
-                            d.seq = q.next_seq;
-                            q.next_seq += 1;
-                            if let Some(log) = &q.log {
-                                log.enqueue(&d);
+                            if d.qos != QoS::AtMostOnce && q.log.is_some() {
+                                // Written under the queue lock, so the store sees a queue's
+                                // messages in queue order and before anyone can pop them.
+                                d.seq = q.next_seq;
+                                q.next_seq += 1;
+                                if let Some(log) = &q.log {
+                                    log.enqueue(&d);
+                                }
                             }
-                        }
-                        q.bytes += size;
-                        q.dropped += dropped as u64;
-                        q.queue.push_back(d);
-                        if dropped > 0 {
-                            Pushed::QueuedDroppingOldest(dropped)
-                        } else {
-                            Pushed::Queued
+                            q.bytes += size;
+                            q.dropped += dropped as u64;
+                            q.queue.push_back(d);
+                            if dropped > 0 {
+                                Pushed::QueuedDroppingOldest(dropped)
+                            } else {
+                                Pushed::Queued
+                            }
                         }
                     }
-                }
+                };
+            if matches!(outcome, Pushed::DroppedFull | Pushed::DroppedSlow) {
+                q.dropped += 1;
             }
+            outcome
         };
-        if matches!(outcome, Pushed::DroppedFull | Pushed::DroppedSlow) {
-            self.lock().dropped += 1;
-        }
         match outcome {
             Pushed::Queued => self.notify.notify_one(),
             Pushed::QueuedDroppingOldest(n) => {
@@ -220,7 +222,11 @@ impl Mailbox {
     /// drains (`drained`), so a slow subscriber slows its publishers instead of losing their
     /// messages at the limit. Offline, closed and slow queues never hold anyone back.
     pub fn congested(&self) -> bool {
-        let q = self.lock();
+        self.holds_back(&self.lock())
+    }
+
+    /// `congested` on a locked queue.
+    fn holds_back(&self, q: &Inner) -> bool {
         q.online && !q.closed && !q.slow && self.over_half(q.queue.len(), q.bytes)
     }
 
@@ -236,11 +242,7 @@ impl Mailbox {
     /// apply. True when this call marked it.
     pub fn mark_slow_if_stalled(&self, since: u32) -> bool {
         let mut q = self.lock();
-        let stalled = q.online
-            && !q.closed
-            && !q.slow
-            && q.pops == since
-            && self.over_half(q.queue.len(), q.bytes);
+        let stalled = q.pops == since && self.holds_back(&q);
         if stalled {
             q.slow = true;
         }
