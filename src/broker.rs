@@ -17,6 +17,7 @@ use crate::session::{Session, Subscription};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::store::Store;
+use crate::transport::tls::Certs;
 
 /// Everything the connection tasks share. Built once by `server::run`, then handed to each
 /// task as `Arc<Broker>`; dropped when the last task ends.
@@ -46,6 +47,9 @@ pub struct Broker {
         std::sync::atomic::AtomicU64,
         std::collections::hash_map::RandomState,
     ),
+    /// The certificates of every TLS listener, registered when the listener starts, so SIGHUP
+    /// can re-read them all ([`Broker::reload_certs`]).
+    certs: std::sync::Mutex<Vec<Arc<Certs>>>,
 }
 
 impl Broker {
@@ -67,6 +71,7 @@ impl Broker {
             router: Router::default(),
             stats: Stats::default(),
             assigned_ids: Default::default(),
+            certs: Default::default(),
         })
     }
 
@@ -95,6 +100,29 @@ impl Broker {
     /// Install a reloaded configuration. Only the keys in `config::LIVE_KEYS` take effect.
     pub fn set_live_config(&self, config: Arc<Config>) {
         *self.live.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+
+    /// Register a TLS listener's certificates for SIGHUP reloads.
+    pub fn add_certs(&self, certs: Arc<Certs>) {
+        self.certs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(certs);
+    }
+
+    /// Re-read every TLS listener's certificate, key and client CA. A file that fails keeps
+    /// that listener's running certificate; the failure is logged with the file named.
+    /// New connections see the new certificate, open ones keep their session.
+    pub fn reload_certs(&self) {
+        let certs = self.certs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for c in certs {
+            match c.reload() {
+                Ok(()) => info!(cert = %c.cert_path().display(), "TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!("TLS reload failed, keeping the running certificate: {e}")
+                }
+            }
+        }
     }
 
     /// A new empty session with the queue limits of the live configuration (so a reload

@@ -30,6 +30,7 @@ use crate::store::record;
 use crate::store::recovery::session_meta;
 use crate::store::{Durable, SessionLog, Store};
 use crate::topic;
+use crate::transport::{Endpoint, HandshakeError, Io, Stream};
 
 /// How long a closing connection may spend flushing its last bytes (a final DISCONNECT, acks).
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -39,7 +40,13 @@ const BUSY_RETRY: Duration = Duration::from_millis(5);
 const READ_CHUNK: usize = 8 * 1024;
 
 /// Serve one accepted connection until it closes. Never panics on input; logs once at the end.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, shutdown: Shutdown) {
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    shutdown: Shutdown,
+    endpoint: Arc<Endpoint>,
+) {
     let span = info_span!("conn", %peer, client_id = field::Empty, proto = field::Empty);
     async move {
         Stats::incr(&broker.stats.connections_accepted);
@@ -49,7 +56,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, shu
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Small MQTT packets must not wait for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
-        run(stream, &broker, shutdown).await;
+        run(stream, &broker, shutdown, &endpoint).await;
         broker
             .stats
             .connections_current
@@ -59,13 +66,45 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, shu
     .await
 }
 
-async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown) {
+async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpoint: &Endpoint) {
     let config = &broker.config;
+    // The transport handshake and the CONNECT share one deadline.
+    let deadline = Instant::now() + config.connect_timeout();
+    let handshake = tokio::select! {
+        _ = shutdown.recv() => return,
+        r = tokio::time::timeout_at(deadline, endpoint.handshake(tcp, config.listener.max_packet_size)) => r,
+    };
+    let mut stream = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let counter = match e {
+                HandshakeError::Tls(_) => &broker.stats.tls_handshake_failures,
+                HandshakeError::Ws(_) => &broker.stats.ws_handshake_failures,
+            };
+            Stats::incr(counter);
+            debug!(scheme = endpoint.spec.scheme(), "{e}");
+            return;
+        }
+        Err(_) => {
+            let counter = if endpoint.tls.is_some() {
+                &broker.stats.tls_handshake_failures
+            } else {
+                &broker.stats.ws_handshake_failures
+            };
+            Stats::incr(counter);
+            debug!(
+                scheme = endpoint.spec.scheme(),
+                "handshake not done within {:?}; closing",
+                config.connect_timeout()
+            );
+            return;
+        }
+    };
     let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
 
     let connect = tokio::select! {
         _ = shutdown.recv() => return,
-        r = timeout(config.connect_timeout(), read_connect(&mut stream, &mut inbuf, config.listener.max_packet_size)) => match r {
+        r = tokio::time::timeout_at(deadline, read_connect(&mut stream, &mut inbuf, config.listener.max_packet_size)) => match r {
             Err(_) => {
                 debug!("no CONNECT within {:?}; closing", config.connect_timeout());
                 return;
@@ -369,7 +408,7 @@ enum ConnectError {
 }
 
 async fn read_connect(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     inbuf: &mut BytesMut,
     max_packet_size: usize,
 ) -> Result<Box<Connect>, ConnectError> {
@@ -507,7 +546,7 @@ fn connack(session_present: bool, reason: ReasonCode) -> Packet {
 }
 
 /// Answer CONNECT with a failure CONNACK and close.
-async fn refuse(stream: &mut TcpStream, protocol: ProtocolVersion, reason: ReasonCode) {
+async fn refuse(stream: &mut Stream, protocol: ProtocolVersion, reason: ReasonCode) {
     let mut out = BytesMut::new();
     if codec::encode(&connack(false, reason), protocol, None, &mut out).is_ok() {
         let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&out)).await;
@@ -516,7 +555,7 @@ async fn refuse(stream: &mut TcpStream, protocol: ProtocolVersion, reason: Reaso
 
 async fn main_loop(
     conn: &mut Conn,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     inbuf: &mut BytesMut,
     session: &mut Session,
     control_rx: &mut mpsc::Receiver<Control>,
@@ -529,7 +568,9 @@ async fn main_loop(
     // A zero keep-alive disables the timer; the sleep is then never polled.
     let sleep = tokio::time::sleep(keep_alive.unwrap_or(Duration::from_secs(3600)));
     tokio::pin!(sleep);
-    let (rd, mut wr) = stream.split();
+    // TLS and WebSocket keep written bytes in a buffer of their own until flushed.
+    let buffers = stream.buffers_writes();
+    let mut unflushed = false;
     let store = conn.broker.store.clone();
     let slow_after = conn.broker.config.session.slow_consumer_after();
     // The queues holding this publisher back in the current episode, with their progress
@@ -624,6 +665,7 @@ async fn main_loop(
         // Output behind an acknowledgement that is not durable yet stays in the buffer.
         let writable = held.writable(conn.out.len());
         let held_back = held.waiting_for().is_some();
+        let read = room && blocked.is_empty();
         tokio::select! {
             biased;
             _ = shutdown.recv() => return Exit::Shutdown,
@@ -637,29 +679,25 @@ async fn main_loop(
                 }
                 Control::Kick => return Exit::Kicked,
             },
-            r = wr.write(&conn.out[..writable]), if writable > 0 => match r {
-                Ok(0) => return Exit::PeerClosed,
-                Ok(n) => {
+            r = std::future::poll_fn(|cx| stream.poll_io(
+                cx,
+                &conn.out[..writable],
+                unflushed,
+                read.then_some((&mut *inbuf, READ_CHUNK.min(max_packet))),
+            )), if writable > 0 || unflushed || read => match r {
+                Ok(Io::Wrote(0) | Io::Read(0)) => return Exit::PeerClosed,
+                Ok(Io::Wrote(n)) => {
                     conn.out.advance(n);
                     held.wrote(n);
+                    unflushed = buffers;
                     Stats::add(&conn.broker.stats.bytes_sent, n);
                 }
+                Ok(Io::Read(n)) => Stats::add(&conn.broker.stats.bytes_received, n),
+                Ok(Io::Flushed) => unflushed = false,
                 Err(e) => return Exit::Io(e),
             },
             ok = held.wait(), if held_back => if !ok {
                 return Exit::StoreFailed;
-            },
-            r = rd.as_ref().readable(), if room && blocked.is_empty() => {
-                if let Err(e) = r {
-                    return Exit::Io(e);
-                }
-                inbuf.reserve(READ_CHUNK.min(max_packet));
-                match rd.as_ref().try_read_buf(inbuf) {
-                    Ok(0) => return Exit::PeerClosed,
-                    Ok(n) => Stats::add(&conn.broker.stats.bytes_received, n),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Exit::Io(e),
-                }
             },
             _ = session.mailbox.notified(), if room => {}
             _ = drained(&blocked, blocked_until), if !blocked.is_empty() => {
@@ -709,7 +747,7 @@ async fn drained(blocked: &[Arc<Mailbox>], until: Instant) {
 /// or handed to the connection taking it over.
 async fn finish(
     mut conn: Conn,
-    mut stream: TcpStream,
+    mut stream: Stream,
     mut session: Box<Session>,
     exit: Exit,
     mut control_rx: mpsc::Receiver<Control>,

@@ -29,3 +29,4 @@ pub mod store;
 #[cfg(test)]
 mod testutil;
 pub mod topic;
+pub mod transport;

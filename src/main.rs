@@ -204,13 +204,17 @@ async fn run(
     };
     let mut sockets = Sockets::default();
     for spec in config.listener_specs() {
-        match TcpListener::bind(spec.bind).await {
-            Ok(socket) => sockets.mqtt.push(Listener {
-                socket,
-                max_connections: spec.max_connections,
-            }),
+        let bind = spec.bind;
+        match TcpListener::bind(bind).await {
+            Ok(socket) => match Listener::new(socket, spec) {
+                Ok(l) => sockets.mqtt.push(l),
+                Err(e) => {
+                    error!(%bind, "cannot set up TLS: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
             Err(e) => {
-                error!(bind = %spec.bind, "cannot listen: {e}");
+                error!(%bind, "cannot listen: {e}");
                 return ExitCode::FAILURE;
             }
         }
@@ -260,10 +264,7 @@ fn load_config(args: &Args) -> Result<Config, ConfigError> {
         config.listener.bind = first.to_string();
         config.listeners = rest
             .iter()
-            .map(|b| ExtraListener {
-                bind: b.to_string(),
-                max_connections: None,
-            })
+            .map(|b| ExtraListener::plain(b.to_string()))
             .collect();
     }
     if let Some(dir) = &args.data_dir {
@@ -369,6 +370,8 @@ impl Signals {
 /// SIGHUP: read the configuration again (file, environment, flags). Keys in `LIVE_KEYS` take
 /// effect now; the others are logged as needing a restart. A bad file changes nothing.
 fn reload(args: &Args, broker: &Broker, handle: &LevelHandle) {
+    // Certificates are re-read whatever the configuration file says now.
+    broker.reload_certs();
     let new = match load_config(args) {
         Ok(c) => c,
         Err(e) => {

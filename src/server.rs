@@ -13,9 +13,11 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::broker::Broker;
-use crate::config::Config;
+use crate::config::{Config, ListenerSpec};
 use crate::connection;
 use crate::shutdown::Shutdown;
+use crate::transport::tls::TlsError;
+use crate::transport::Endpoint;
 
 /// How long shutdown waits for connection tasks to finish (flush, park, wills) before it
 /// stops waiting.
@@ -24,13 +26,23 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// A bound MQTT listener and how many connections it serves at once.
+/// A bound MQTT listener, its transport and how many connections it serves at once.
 #[derive(Debug)]
 pub struct Listener {
     /// The bound socket.
     pub socket: TcpListener,
-    /// Connections served at once; more wait in the kernel's backlog.
-    pub max_connections: usize,
+    /// Transport, TLS certificate and settings; shared by the listener's connection tasks.
+    pub endpoint: Arc<Endpoint>,
+}
+
+impl Listener {
+    /// A listener on `socket` with `spec`'s settings; fails when its TLS files do not load.
+    pub fn new(socket: TcpListener, spec: ListenerSpec) -> Result<Listener, TlsError> {
+        Ok(Listener {
+            socket,
+            endpoint: Arc::new(Endpoint::new(spec)?),
+        })
+    }
 }
 
 /// Everything the broker serves: MQTT listeners and, optionally, the admin HTTP listener.
@@ -48,17 +60,31 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     run_with(listener, broker, shutdown).await
 }
 
-/// Run with a broker built by the caller (tests inspect its registry and counters).
+/// Run with a broker built by the caller (tests inspect its registry and counters), on one
+/// socket with the settings of `[listener]` (its `bind` aside).
 pub async fn run_with(
     listener: TcpListener,
     broker: Arc<Broker>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let Ok(addr) = listener.local_addr() else {
+        return;
+    };
+    let mut config = (*broker.config).clone();
+    config.listener.bind = addr.to_string();
+    config.listeners.clear();
+    let Some(spec) = config.listener_specs().pop() else {
+        return;
+    };
+    let listener = match Listener::new(listener, spec) {
+        Ok(l) => l,
+        Err(e) => {
+            error!("cannot listen: {e}");
+            return;
+        }
+    };
     let sockets = Sockets {
-        mqtt: vec![Listener {
-            socket: listener,
-            max_connections: broker.config.listener.max_connections,
-        }],
+        mqtt: vec![listener],
         admin: None,
     };
     run_sockets(sockets, broker, shutdown).await
@@ -75,8 +101,18 @@ pub async fn run_sockets(
     let mut tasks = JoinSet::new();
     tasks.spawn(broker.clone().run_timers(shutdown_rx.clone()));
     for listener in sockets.mqtt {
+        if let Some(certs) = &listener.endpoint.tls {
+            broker.add_certs(certs.clone());
+        }
         if let Ok(addr) = listener.socket.local_addr() {
-            info!(%addr, max_connections = listener.max_connections, "listening for MQTT");
+            let spec = &listener.endpoint.spec;
+            info!(
+                %addr,
+                scheme = spec.scheme(),
+                max_connections = spec.max_connections,
+                allow_anonymous = spec.allow_anonymous,
+                "listening for MQTT"
+            );
         }
         tasks.spawn(serve_listener(
             listener,
@@ -135,7 +171,7 @@ async fn accept_loop(
     shutdown: &Shutdown,
     tasks: &mut JoinSet<()>,
 ) {
-    let permits = Arc::new(Semaphore::new(listener.max_connections));
+    let permits = Arc::new(Semaphore::new(listener.endpoint.spec.max_connections));
     let mut backoff = ACCEPT_BACKOFF_START;
     loop {
         // Wait for a free slot before accepting, so excess clients wait in the backlog
@@ -159,8 +195,9 @@ async fn accept_loop(
         };
         let broker = broker.clone();
         let shutdown = shutdown.clone();
+        let endpoint = listener.endpoint.clone();
         tasks.spawn(async move {
-            connection::serve(stream, peer, broker, shutdown).await;
+            connection::serve(stream, peer, broker, shutdown, endpoint).await;
             drop(permit);
         });
     }

@@ -44,6 +44,23 @@ pub struct Stats {
     pub wills_published: AtomicU64,
     /// Connections closed for a protocol violation or malformed input.
     pub protocol_errors: AtomicU64,
+    /// TLS handshakes that failed or did not finish within the CONNECT timeout (not TLS,
+    /// TLS 1.1 or older, a missing or untrusted client certificate, garbage).
+    pub tls_handshake_failures: AtomicU64,
+    /// WebSocket upgrades that failed or did not finish within the CONNECT timeout (not an
+    /// upgrade, another path, no `mqtt` subprotocol).
+    pub ws_handshake_failures: AtomicU64,
+    /// CONNECTs refused for a bad username or password.
+    pub auth_bad_credentials: AtomicU64,
+    /// CONNECTs refused as not authorized (anonymous where not allowed, a will the ACL
+    /// does not allow).
+    pub auth_not_authorized: AtomicU64,
+    /// PUBLISHes the ACL refused (3.1.1: acknowledged and dropped; v5: 0x87).
+    pub acl_denied_publish: AtomicU64,
+    /// SUBSCRIBE topic filters the ACL refused (0x80 / 0x87 in SUBACK).
+    pub acl_denied_subscribe: AtomicU64,
+    /// Messages not delivered because the ACL no longer lets the subscriber read the topic.
+    pub acl_denied_delivery: AtomicU64,
 }
 
 impl Stats {

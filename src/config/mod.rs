@@ -13,6 +13,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod listener;
+pub use listener::{
+    AuthConfig, ExtraListener, ListenerConfig, ListenerSpec, TlsConfig, TransportKind,
+    DEFAULT_WS_PATH,
+};
+
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -36,6 +42,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Durable sessions and retained messages in `data_dir`.
     pub persistence: PersistenceConfig,
+    /// Who may connect (password file) and what they may do (ACL file).
+    pub auth: AuthConfig,
 }
 
 /// Where `data_dir` points when it is not set: beside the working directory.
@@ -64,66 +72,6 @@ impl Default for PersistenceConfig {
             fsync: crate::store::FsyncPolicy::Always,
             fsync_interval_ms: 100,
             segment_bytes: 64 * 1024 * 1024,
-        }
-    }
-}
-
-/// `[[listeners]]`: an MQTT listener besides `[listener]`. Packet, keep-alive and buffer limits
-/// are those of `[listener]`; the connection limit is per listener.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct ExtraListener {
-    /// Address it binds, `HOST:PORT`.
-    pub bind: String,
-    /// Connections served at once on this listener; absent = `listener.max_connections`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_connections: Option<usize>,
-}
-
-/// One MQTT listener as the acceptor sees it, after defaults are applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenerSpec {
-    /// Address to bind.
-    pub bind: SocketAddr,
-    /// Connections served at once.
-    pub max_connections: usize,
-}
-
-/// `[listener]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ListenerConfig {
-    /// Address the MQTT listener binds, `HOST:PORT`.
-    pub bind: String,
-    /// Connections served at once; further ones wait in the kernel's accept backlog.
-    pub max_connections: usize,
-    /// Seconds a new connection has to send CONNECT before it is closed.
-    pub connect_timeout_secs: u64,
-    /// Largest packet accepted from a client, in bytes, fixed header included.
-    pub max_packet_size: usize,
-    /// Per-connection write buffer size, in bytes, past which the broker stops moving queued
-    /// messages to the socket until the client reads.
-    pub max_write_buffer: usize,
-    /// Largest keep-alive accepted, in seconds; a larger or zero client value is replaced by it
-    /// (v5: returned as Server Keep Alive). 0 = no maximum.
-    pub max_keep_alive_secs: u16,
-    /// Topic aliases a v5 client may use towards the broker (Topic Alias Maximum in CONNACK).
-    pub topic_alias_maximum: u16,
-    /// Use topic aliases towards v5 clients that accept them.
-    pub outbound_topic_aliases: bool,
-}
-
-impl Default for ListenerConfig {
-    fn default() -> Self {
-        ListenerConfig {
-            bind: "127.0.0.1:1883".to_string(),
-            max_connections: 10_000,
-            connect_timeout_secs: 10,
-            max_packet_size: 1024 * 1024,
-            max_write_buffer: 256 * 1024,
-            max_keep_alive_secs: 0,
-            topic_alias_maximum: 16,
-            outbound_topic_aliases: false,
         }
     }
 }
@@ -324,7 +272,7 @@ impl std::error::Error for ConfigError {}
 
 /// The annotated reference configuration, embedded so `--print-default-config` and tests see
 /// exactly what ships.
-pub const REFERENCE_TOML: &str = include_str!("../config/tether.toml");
+pub const REFERENCE_TOML: &str = include_str!("../../config/tether.toml");
 
 /// Prefix of the environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "TETHER_";
@@ -339,6 +287,8 @@ pub const LIVE_KEYS: &[&str] = &[
     "session.queue_overflow",
     "session.queue_qos0_offline",
     "session.slow_consumer_drop_qos0",
+    "auth.password_file",
+    "auth.acl_file",
 ];
 
 impl Config {
@@ -484,6 +434,18 @@ impl Config {
                     "must be at least 1",
                 );
             }
+            if let Err((key, why)) =
+                listener::validate_transport(&format!("listeners[{i}]"), &l.ws_path, l.tls.as_ref())
+            {
+                return bad(&key, why);
+            }
+        }
+        if let Err((key, why)) = listener::validate_transport(
+            "listener",
+            &self.listener.ws_path,
+            self.listener.tls.as_ref(),
+        ) {
+            return bad(&key, why);
         }
         if self.listener.connect_timeout_secs == 0 {
             return bad("listener.connect_timeout_secs", "must be at least 1");
@@ -594,17 +556,28 @@ impl Config {
     /// Every MQTT listener: `[listener]` first, then `[[listeners]]` in file order. Entries
     /// whose address does not parse are left out (`validate` refuses them).
     pub fn listener_specs(&self) -> Vec<ListenerSpec> {
-        let first = self.listener.bind.parse().ok().map(|bind| ListenerSpec {
-            bind,
-            max_connections: self.listener.max_connections,
+        let l = &self.listener;
+        let first = l.bind.parse().ok().map(|bind| {
+            ListenerSpec::new(
+                bind,
+                l.max_connections,
+                l.transport,
+                &l.ws_path,
+                l.allow_anonymous,
+                l.tls.clone(),
+            )
         });
         first
             .into_iter()
-            .chain(self.listeners.iter().filter_map(|l| {
-                Some(ListenerSpec {
-                    bind: l.bind.parse().ok()?,
-                    max_connections: l.max_connections.unwrap_or(self.listener.max_connections),
-                })
+            .chain(self.listeners.iter().filter_map(|x| {
+                Some(ListenerSpec::new(
+                    x.bind.parse().ok()?,
+                    x.max_connections.unwrap_or(l.max_connections),
+                    x.transport,
+                    &x.ws_path,
+                    x.allow_anonymous,
+                    x.tls.clone(),
+                ))
             }))
             .collect()
     }
