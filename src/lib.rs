@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;
