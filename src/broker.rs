@@ -5,6 +5,7 @@ use std::sync::{Arc, RwLock};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use crate::auth::gate::Gate;
 use crate::config::Config;
 use crate::expiry::TimerKind;
 use crate::mailbox::{Mailbox, QueueLimits};
@@ -50,6 +51,8 @@ pub struct Broker {
     /// The certificates of every TLS listener, registered when the listener starts, so SIGHUP
     /// can re-read them all ([`Broker::reload_certs`]).
     certs: std::sync::Mutex<Vec<Arc<Certs>>>,
+    /// Password file and ACL (`[auth]`), reloaded on SIGHUP.
+    pub auth: Gate,
 }
 
 impl Broker {
@@ -66,12 +69,18 @@ impl Broker {
             retained: RetainStore::new(config.retain.max_messages, config.retain.max_bytes),
             live: RwLock::new(config.clone()),
             started: std::time::Instant::now(),
-            config,
+            config: config.clone(),
             registry: Registry::new(),
             router: Router::default(),
             stats: Stats::default(),
             assigned_ids: Default::default(),
             certs: Default::default(),
+            auth: Gate::load(&config.auth).unwrap_or_else(|e| {
+                // `main` checks the files before it builds the broker; failing closed here
+                // covers anything that builds one otherwise.
+                tracing::error!("cannot load [auth] files, refusing every client: {e}");
+                Gate::deny_all()
+            }),
         })
     }
 
@@ -122,6 +131,16 @@ impl Broker {
                     tracing::error!("TLS reload failed, keeping the running certificate: {e}")
                 }
             }
+        }
+    }
+
+    /// SIGHUP: re-read the TLS certificates and the `[auth]` files `auth` names. Whatever
+    /// fails to load keeps running as it was, and is logged.
+    pub fn reload_files(&self, auth: &crate::config::AuthConfig) {
+        self.reload_certs();
+        match self.auth.reload(auth) {
+            Ok(()) => info!("password and ACL files reloaded"),
+            Err(e) => tracing::error!("[auth] reload failed, keeping the running files: {e}"),
         }
     }
 

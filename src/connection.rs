@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, field, info, info_span, warn, Instrument};
 
+use crate::auth::gate::Verdict;
 use crate::broker::Broker;
 use crate::codec::{self, DecodeError};
 use crate::inspect::SessionInfo;
@@ -166,6 +167,54 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
         return;
     }
 
+    // Who the client is, before any session state is touched: the CONNECT's username and
+    // password, or the TLS certificate's CN on a `use_identity_as_username` listener.
+    let identity = endpoint
+        .spec
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.use_identity_as_username);
+    let username = if identity {
+        stream.peer_common_name()
+    } else {
+        connect.username.clone()
+    };
+    let verdict = broker
+        .auth
+        .authenticate(
+            username.as_deref(),
+            connect.password.as_ref(),
+            identity,
+            endpoint.spec.allow_anonymous,
+        )
+        .await;
+    let refused = match verdict {
+        Verdict::Allowed => None,
+        Verdict::BadCredentials => {
+            Stats::incr(&broker.stats.auth_bad_credentials);
+            Some(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
+        }
+        Verdict::NotAuthorized => {
+            Stats::incr(&broker.stats.auth_not_authorized);
+            Some(ReasonCode::NOT_AUTHORIZED)
+        }
+    };
+    if let Some(reason) = refused {
+        warn!(username = ?username, ?verdict, "authentication failed; refusing");
+        refuse(&mut stream, protocol, reason).await;
+        return;
+    }
+    let acl_generation = broker.auth.acl_generation();
+    let acl = broker.auth.client_acl(username.as_deref(), &client_id);
+    if let (Some(acl), Some(will)) = (&acl, &connect.will) {
+        if !acl.can_publish(&will.topic) {
+            Stats::incr(&broker.stats.auth_not_authorized);
+            warn!(topic = %will.topic, "will topic not allowed by the ACL; refusing");
+            refuse(&mut stream, protocol, ReasonCode::NOT_AUTHORIZED).await;
+            return;
+        }
+    }
+
     // While the store cannot write, a session that outlives its connection could never get
     // its CONNACK (which waits for the session's record): say so at once, before anything
     // of the existing session is touched, rather than close without a word.
@@ -278,6 +327,9 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     );
 
     let mut conn = Conn::new(broker.clone(), &connect, client_id.clone(), generation);
+    conn.username = username.map(Arc::from);
+    conn.acl = acl;
+    conn.acl_generation = acl_generation;
     conn.keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     conn.connect_expiry = expiry;
     let mut props = ConnAckProperties::default();

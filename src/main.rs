@@ -73,6 +73,22 @@ enum Command {
         #[command(subcommand)]
         action: SessionsAction,
     },
+    /// Add, change or delete a user in a password file (Mosquitto's format, `[auth]
+    /// password_file`); the broker reads it again on SIGHUP.
+    Passwd {
+        /// The password file; created when a user is added to a file that does not exist.
+        file: PathBuf,
+        /// The user to add, change or delete.
+        user: String,
+        /// The new password; when absent, one line is read from standard input.
+        password: Option<String>,
+        /// Delete the user instead.
+        #[arg(short = 'D', long = "delete")]
+        delete: bool,
+        /// PBKDF2-SHA512 iterations of the new hash.
+        #[arg(short = 'I', long = "iterations", default_value_t = tether::auth::password::DEFAULT_ITERATIONS)]
+        iterations: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +127,16 @@ fn main() -> ExitCode {
     }) = &args.command
     {
         return sessions(admin, token.clone(), action);
+    }
+    if let Some(Command::Passwd {
+        file,
+        user,
+        password,
+        delete,
+        iterations,
+    }) = &args.command
+    {
+        return passwd(file, user, password.as_deref(), *delete, *iterations);
     }
     if args.print_default_config {
         print!("{REFERENCE_TOML}");
@@ -202,6 +228,12 @@ async fn run(
             return ExitCode::FAILURE;
         }
     };
+    // A password or ACL file that does not load stops the start, rather than a broker that
+    // refuses everyone (or no one).
+    if let Err(e) = tether::auth::gate::Gate::load(&config.auth) {
+        error!("cannot load [auth] files: {e}");
+        return ExitCode::FAILURE;
+    }
     let mut sockets = Sockets::default();
     for spec in config.listener_specs() {
         let bind = spec.bind;
@@ -370,15 +402,17 @@ impl Signals {
 /// SIGHUP: read the configuration again (file, environment, flags). Keys in `LIVE_KEYS` take
 /// effect now; the others are logged as needing a restart. A bad file changes nothing.
 fn reload(args: &Args, broker: &Broker, handle: &LevelHandle) {
-    // Certificates are re-read whatever the configuration file says now.
-    broker.reload_certs();
     let new = match load_config(args) {
         Ok(c) => c,
         Err(e) => {
             error!("reload failed, keeping the running configuration: {e}");
+            // Certificates and [auth] files are re-read anyway, as the running
+            // configuration names them.
+            broker.reload_files(&broker.live_config().auth);
             return;
         }
     };
+    broker.reload_files(&new.auth);
     let old = broker.live_config();
     let changed = old.changed_keys(&new);
     let (live, restart): (Vec<String>, Vec<String>) = changed
@@ -391,6 +425,55 @@ fn reload(args: &Args, broker: &Broker, handle: &LevelHandle) {
     }
     broker.set_live_config(Arc::new(new));
     info!(applied = ?live, needs_restart = ?restart, "configuration reloaded");
+}
+
+/// `tether passwd ...`.
+fn passwd(
+    file: &std::path::Path,
+    user: &str,
+    password: Option<&str>,
+    delete: bool,
+    iterations: u32,
+) -> ExitCode {
+    use tether::auth::password::update_file;
+    let password = match (delete, password) {
+        (true, _) => None,
+        (false, Some(p)) => Some(p.to_string()),
+        (false, None) => {
+            eprint!("Password for {user}: ");
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("tether: cannot read the password: {e}");
+                return ExitCode::FAILURE;
+            }
+            let p = line.trim_end_matches(['\r', '\n']).to_string();
+            if p.is_empty() {
+                eprintln!("tether: empty password");
+                return ExitCode::FAILURE;
+            }
+            Some(p)
+        }
+    };
+    match update_file(
+        file,
+        user,
+        password.as_deref().map(str::as_bytes),
+        iterations,
+    ) {
+        Ok(existed) => {
+            let what = match (delete, existed) {
+                (true, _) => "deleted",
+                (false, true) => "changed",
+                (false, false) => "added",
+            };
+            eprintln!("{user}: {what} in {}", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tether: {}: {e}", file.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `tether sessions ...`.

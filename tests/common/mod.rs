@@ -16,12 +16,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod pki;
+
 /// Generous upper bound for anything a test waits on; a failing test fails, it does not hang.
 pub const WAIT: Duration = Duration::from_secs(5);
 
 /// A broker running in-process on an ephemeral loopback port.
 pub struct TestBroker {
     pub addr: SocketAddr,
+    /// Every listener's address, in `Config::listener_specs` order (`addr` is the first).
+    pub addrs: Vec<SocketAddr>,
     pub broker: Arc<Broker>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -48,6 +52,38 @@ impl TestBroker {
         });
         TestBroker {
             addr,
+            addrs: vec![addr],
+            broker,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Start with every listener of `config` (`[listener]` and `[[listeners]]`, each with its
+    /// transport and TLS settings), each bound to a free port on 127.0.0.1.
+    pub async fn with_listeners(config: Config) -> TestBroker {
+        let broker = Broker::new(Arc::new(config.clone()));
+        let mut sockets = tether::server::Sockets::default();
+        let mut addrs = Vec::new();
+        for mut spec in config.listener_specs() {
+            spec.bind = "127.0.0.1:0".parse().expect("addr");
+            let socket = TcpListener::bind(spec.bind).await.expect("bind");
+            addrs.push(socket.local_addr().expect("local addr"));
+            sockets
+                .mqtt
+                .push(tether::server::Listener::new(socket, spec).expect("listener"));
+        }
+        let (tx, rx) = oneshot::channel::<()>();
+        let b = broker.clone();
+        let task = tokio::spawn(async move {
+            tether::server::run_sockets(sockets, b, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        TestBroker {
+            addr: addrs[0],
+            addrs,
             broker,
             stop: Some(tx),
             task: Some(task),
@@ -85,9 +121,13 @@ impl Drop for TestBroker {
     }
 }
 
+/// Any byte stream a test client talks over: TCP, TLS, a WebSocket adapter.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// A client that sends exact bytes and reads exact bytes.
 pub struct Raw {
-    pub stream: TcpStream,
+    pub stream: Box<dyn Io>,
     buf: BytesMut,
     /// Protocol used to decode what the broker sends (for `recv_packet`).
     pub version: ProtocolVersion,
@@ -97,8 +137,13 @@ impl Raw {
     pub async fn connect(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).expect("nodelay");
+        Raw::over(stream)
+    }
+
+    /// A client over an already connected stream (TLS, WebSocket).
+    pub fn over(stream: impl Io + 'static) -> Raw {
         Raw {
-            stream,
+            stream: Box::new(stream),
             buf: BytesMut::new(),
             version: ProtocolVersion::V311,
         }
