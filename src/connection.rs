@@ -250,16 +250,26 @@ async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown
         props.maximum_packet_size = u32::try_from(config.listener.max_packet_size).ok();
         props.topic_alias_maximum = (config.listener.topic_alias_maximum > 0)
             .then_some(config.listener.topic_alias_maximum);
-        props.shared_subscription_available = Some(1);
-        props.subscription_identifiers_available = Some(1);
-        props.wildcard_subscription_available = Some(1);
-        props.retain_available = Some(1);
+        // Retain, Wildcard, Subscription Identifier and Shared Subscription Available and
+        // Maximum QoS are left out: absent means supported, which they all are, and every
+        // byte counts against a small client Maximum Packet Size.
     }
-    conn.send(&Packet::ConnAck(ConnAck {
+    if !conn.send(&Packet::ConnAck(ConnAck {
         session_present: present,
         reason: ReasonCode::SUCCESS,
         properties: props,
-    }));
+    })) {
+        // Not even the trimmed CONNACK fits the client's Maximum Packet Size [MQTT-3.1.2-24]:
+        // the connection can never start, so close it rather than leave the client waiting.
+        // The client never learnt it was connected: its will is not published.
+        warn!(
+            max = ?conn.peer_max_packet,
+            "CONNACK exceeds the client's Maximum Packet Size; closing"
+        );
+        conn.will = None;
+        finish(conn, stream, session, Exit::PeerClosed, control_rx, held).await;
+        return;
+    }
     held.connack_queued(conn.out.len());
     // Everything in flight goes out again, as the window allows (`Conn::pump`).
     session.begin_resume();

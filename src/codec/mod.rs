@@ -237,6 +237,13 @@ pub fn decode(
 /// appended. `max_packet_size` is the peer's maximum (None = protocol maximum). Returns the
 /// number of bytes written.
 ///
+/// A packet over the peer's maximum is encoded again without its Reason String, then also
+/// without its User Properties: the spec forbids sending either when it would make the packet
+/// exceed the maximum (CONNACK [MQTT-3.2.2-19, MQTT-3.2.2-20], PUBACK to PUBCOMP, SUBACK,
+/// DISCONNECT likewise), while the rest of the packet carries what the receiver needs. A PUBLISH
+/// is never trimmed (its User Properties belong to the message): it stays `TooLarge`, for the
+/// caller to drop [MQTT-3.1.2-25].
+///
 /// Version-specific fields are dropped or mapped where the older protocol has no room for them
 /// (3.1.1 CONNACK return codes and SUBACK failure codes, no properties or ack reasons). For
 /// CONNECT, `Connect::protocol` must equal `version`.
@@ -247,11 +254,57 @@ pub fn encode(
     out: &mut BytesMut,
 ) -> Result<usize, EncodeError> {
     let start = out.len();
-    let result = encode_unchecked(packet, version, max_packet_size.unwrap_or(usize::MAX), out);
+    let max = max_packet_size.unwrap_or(usize::MAX);
+    let mut result = encode_unchecked(packet, version, max, out);
+    for drop_users in [false, true] {
+        if !matches!(result, Err(EncodeError::TooLarge { .. })) {
+            break;
+        }
+        if let Some(smaller) = without_optional(packet, drop_users) {
+            out.truncate(start);
+            result = encode_unchecked(&smaller, version, max, out);
+        }
+    }
     if result.is_err() {
         out.truncate(start);
     }
     result
+}
+
+/// `packet` without its Reason String (and, with `drop_users`, without its User Properties
+/// too); `None` when it has nothing of the kind to leave out.
+fn without_optional(packet: &Packet, drop_users: bool) -> Option<Packet> {
+    if !matches!(
+        packet,
+        Packet::ConnAck(_)
+            | Packet::PubAck(_)
+            | Packet::PubRec(_)
+            | Packet::PubRel(_)
+            | Packet::PubComp(_)
+            | Packet::SubAck(_)
+            | Packet::Disconnect(_)
+    ) {
+        return None;
+    }
+    let mut p = packet.clone();
+    let (reason_string, users) = match &mut p {
+        Packet::ConnAck(c) => (
+            &mut c.properties.reason_string,
+            Some(&mut c.properties.user_properties),
+        ),
+        Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
+            (&mut a.reason_string, Some(&mut a.user_properties))
+        }
+        Packet::SubAck(s) => (&mut s.reason_string, None),
+        Packet::Disconnect(d) => (&mut d.reason_string, Some(&mut d.user_properties)),
+        _ => return None,
+    };
+    let mut changed = reason_string.take().is_some();
+    if let (true, Some(users)) = (drop_users, users) {
+        changed |= !users.is_empty();
+        users.clear();
+    }
+    changed.then_some(p)
 }
 
 /// Writes the packet, possibly leaving a partial frame behind on error (`encode` truncates).

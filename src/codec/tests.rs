@@ -1158,6 +1158,101 @@ fn encoder_enforces_peer_maximum_packet_size_mqtt_3_1_2_24() {
     assert_eq!(&out[..], b"keep");
 }
 
+/// [MQTT-3.2.2-19, MQTT-3.2.2-20, MQTT-3.4.2-2, MQTT-3.4.2-3, MQTT-3.14.2-3, MQTT-3.14.2-4]:
+/// over the peer's maximum, the Reason String goes first, then the User Properties; the
+/// rest of the packet is kept, and what still does not fit is refused.
+#[test]
+fn encoder_drops_reason_string_then_user_properties_to_fit_the_peer_maximum() {
+    let ack = full_ack();
+    let no_reason = Ack {
+        reason_string: None,
+        ..ack.clone()
+    };
+    let bare = Ack {
+        user_properties: vec![],
+        ..no_reason.clone()
+    };
+    let connack = ConnAck {
+        session_present: true,
+        reason: ReasonCode::SUCCESS,
+        properties: full_connack_props(),
+    };
+    let mut connack_no_reason = connack.clone();
+    connack_no_reason.properties.reason_string = None;
+    let mut connack_bare = connack_no_reason.clone();
+    connack_bare.properties.user_properties.clear();
+    let disconnect = full_disconnect();
+    let disconnect_bare = Disconnect {
+        reason_string: None,
+        user_properties: vec![],
+        ..disconnect.clone()
+    };
+    let suback = SubAck {
+        packet_id: 3,
+        reasons: vec![ReasonCode(1)],
+        reason_string: Some("granted".into()),
+    };
+    let suback_bare = SubAck {
+        reason_string: None,
+        ..suback.clone()
+    };
+    // (packet, what fits a maximum of exactly its size, whether nothing is left to drop)
+    let cases = [
+        (
+            Packet::PubAck(ack.clone()),
+            Packet::PubAck(no_reason),
+            false,
+        ),
+        (
+            Packet::PubAck(ack.clone()),
+            Packet::PubAck(bare.clone()),
+            true,
+        ),
+        (Packet::PubRel(ack), Packet::PubRel(bare), true),
+        (
+            Packet::ConnAck(connack.clone()),
+            Packet::ConnAck(connack_no_reason),
+            false,
+        ),
+        (
+            Packet::ConnAck(connack),
+            Packet::ConnAck(connack_bare),
+            true,
+        ),
+        (
+            Packet::Disconnect(disconnect),
+            Packet::Disconnect(disconnect_bare),
+            true,
+        ),
+        (Packet::SubAck(suback), Packet::SubAck(suback_bare), true),
+    ];
+    for (full, fitting, smallest) in cases {
+        let expected = enc(&fitting, V5);
+        let mut out = BytesMut::from(&b"keep"[..]);
+        assert_eq!(
+            encode(&full, V5, Some(expected.len()), &mut out),
+            Ok(expected.len()),
+            "{full:?}"
+        );
+        assert_eq!(&out[4..], &expected[..], "{full:?}");
+        if smallest {
+            let mut out = BytesMut::from(&b"keep"[..]);
+            assert!(matches!(
+                encode(&full, V5, Some(expected.len() - 1), &mut out),
+                Err(EncodeError::TooLarge { .. })
+            ));
+            assert_eq!(&out[..], b"keep");
+        }
+    }
+    // A PUBLISH is never trimmed: its User Properties are part of the message.
+    let p = Packet::Publish(publish(QoS::AtMostOnce, full_publish_props()));
+    let size = enc(&p, V5).len();
+    assert!(matches!(
+        encode(&p, V5, Some(size - 1), &mut BytesMut::new()),
+        Err(EncodeError::TooLarge { .. })
+    ));
+}
+
 #[test]
 fn encoder_refuses_remaining_length_beyond_protocol_limit() {
     let p = Packet::Publish(Publish {
