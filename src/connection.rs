@@ -90,6 +90,11 @@ async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown
             Ok(Err(ConnectError::Decode(e))) => {
                 Stats::incr(&broker.stats.protocol_errors);
                 warn!("bad CONNECT: {e}");
+                // v5 may say why before closing (section 4.13); 3.1.1 just closes
+                // [MQTT-3.1.4-1].
+                if codec::connect_version(&inbuf).is_some_and(|v| v.is_v5()) {
+                    refuse(&mut stream, ProtocolVersion::V5, e.reason_code()).await;
+                }
                 return;
             }
             Ok(Ok(c)) => c,

@@ -176,3 +176,325 @@ async fn v5_publish_above_the_clients_maximum_is_dropped_and_counted() {
     c.expect_silence(QUIET).await;
     b.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 2. UTF-8 strings
+// ---------------------------------------------------------------------------------------------
+
+/// Strings no MQTT UTF-8 field may carry: U+0000 [MQTT-1.5.3-2, MQTT-1.5.4-2], encoded
+/// surrogates U+D800 and U+DFFF, a lead byte without its continuation and an over-long form
+/// (ill-formed UTF-8) [MQTT-1.5.3-1, MQTT-1.5.4-1].
+const BAD_STRINGS: [(&str, &[u8]); 5] = [
+    ("U+0000", b"a\x00b"),
+    ("U+D800", b"a/\xed\xa0\x80"),
+    ("U+DFFF", b"\xed\xbf\xbf"),
+    ("truncated sequence", b"a\xc3(b"),
+    ("over-long '/'", b"a\xc0\xafb"),
+];
+
+/// A control string every field accepts, to show the frames themselves are right.
+const GOOD_STRING: &[u8] = "ok/é".as_bytes();
+
+fn protocol_errors(b: &TestBroker) -> u64 {
+    Stats::get(&b.broker.stats.protocol_errors)
+}
+
+/// A UTF-8 Encoded String field: two-byte length, then the bytes as given.
+fn string(bytes: &[u8]) -> Vec<u8> {
+    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// A v5 User Property (identifier 0x26 and the string pair).
+fn user_property(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x26];
+    out.extend(string(key));
+    out.extend(string(value));
+    out
+}
+
+/// A v5 property block: its length (below 128 here) and the properties.
+fn props(p: &[u8]) -> Vec<u8> {
+    assert!(p.len() < 0x80);
+    let mut out = vec![p.len() as u8];
+    out.extend_from_slice(p);
+    out
+}
+
+/// The strings and properties of a CONNECT, as raw bytes.
+struct RawConnect<'a> {
+    client_id: &'a [u8],
+    /// v5 only.
+    properties: Vec<u8>,
+    /// (topic, v5 will properties); payload "w".
+    will: Option<(&'a [u8], Vec<u8>)>,
+    username: Option<&'a [u8]>,
+}
+
+impl<'a> RawConnect<'a> {
+    fn new(client_id: &'a [u8]) -> RawConnect<'a> {
+        RawConnect {
+            client_id,
+            properties: Vec::new(),
+            will: None,
+            username: None,
+        }
+    }
+
+    /// The CONNECT frame for protocol level 4 (3.1.1) or 5, Clean Session / Start 1.
+    fn frame(&self, level: u8) -> Vec<u8> {
+        let v5 = level == 5;
+        let mut flags = 0x02;
+        if self.will.is_some() {
+            flags |= 0x04;
+        }
+        if self.username.is_some() {
+            flags |= 0x80;
+        }
+        let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, flags, 0x00, 0x3c];
+        if v5 {
+            body.extend(props(&self.properties));
+        }
+        body.extend(string(self.client_id));
+        if let Some((topic, will_props)) = &self.will {
+            if v5 {
+                body.extend(props(will_props));
+            }
+            body.extend(string(topic));
+            body.extend(string(b"w"));
+        }
+        if let Some(u) = self.username {
+            body.extend(string(u));
+        }
+        frame(0x10, &body)
+    }
+}
+
+/// SUBSCRIBE (packet id 1, QoS 0), UNSUBSCRIBE (packet id 2) and QoS 0 PUBLISH frames for
+/// `s` as the filter or topic; v5 ones carry `properties`.
+fn packets_with_string(v5: bool, s: &[u8], properties: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    let mut sub = vec![0x00, 0x01];
+    let mut unsub = vec![0x00, 0x02];
+    let mut publ = string(s);
+    if v5 {
+        sub.extend(props(properties));
+        unsub.extend(props(properties));
+        publ.extend(props(properties));
+    }
+    sub.extend(string(s));
+    sub.push(0x00);
+    unsub.extend(string(s));
+    publ.extend_from_slice(b"payload");
+    vec![
+        ("SUBSCRIBE", frame(0x82, &sub)),
+        ("UNSUBSCRIBE", frame(0xa2, &unsub)),
+        ("PUBLISH", frame(0x30, &publ)),
+    ]
+}
+
+/// The reply a valid string gets, per packet name: SUBACK granting QoS 0, UNSUBACK, and for
+/// the QoS 0 PUBLISH nothing (checked with a PINGREQ behind it).
+async fn expect_accepted(c: &mut Raw, v5: bool, what: &str) {
+    match (what, v5) {
+        ("SUBSCRIBE", false) => c.expect_bytes(&[0x90, 0x03, 0x00, 0x01, 0x00]).await,
+        ("SUBSCRIBE", true) => c.expect_bytes(&[0x90, 0x04, 0x00, 0x01, 0x00, 0x00]).await,
+        ("UNSUBSCRIBE", false) => c.expect_bytes(&[0xb0, 0x02, 0x00, 0x02]).await,
+        // v5: No Subscription Existed (0x11) for a filter never subscribed.
+        ("UNSUBSCRIBE", true) => c.expect_bytes(&[0xb0, 0x04, 0x00, 0x02, 0x00, 0x11]).await,
+        _ => {
+            c.send(&[0xc0, 0x00]).await;
+            c.expect_bytes(&[0xd0, 0x00]).await;
+        }
+    }
+}
+
+/// A 3.1.1 connection with Clean Session 1 whose CONNACK has been read.
+async fn v311_client(b: &TestBroker, id: &str) -> Raw {
+    let mut c = b.raw().await;
+    c.send(&connect_v311(id, true, 60)).await;
+    c.expect_bytes(&[0x20, 0x02, 0x00, 0x00]).await;
+    c
+}
+
+/// [MQTT-1.5.3-1, MQTT-1.5.3-2]: ill-formed UTF-8, surrogates or U+0000 in a 3.1.1 topic
+/// filter (SUBSCRIBE, UNSUBSCRIBE) or topic name (PUBLISH) close the connection with nothing
+/// sent back, and nothing is delivered.
+#[tokio::test]
+async fn v311_bad_utf8_in_filters_and_topics_closes_the_connection_mqtt_1_5_3_1_and_1_5_3_2() {
+    let b = TestBroker::start().await;
+    let mut watcher = v311_client(&b, "utf8-watch").await;
+    watcher.send(&subscribe(1, "#", 0)).await;
+    watcher.expect_bytes(&[0x90, 0x03, 0x00, 0x01, 0x00]).await;
+
+    for (what, bytes) in packets_with_string(false, GOOD_STRING, &[]) {
+        let mut c = v311_client(&b, "utf8-good").await;
+        c.send(&bytes).await;
+        expect_accepted(&mut c, false, what).await;
+    }
+    let _ = watcher.recv_packet().await; // the control PUBLISH
+
+    for (name, bad) in BAD_STRINGS {
+        for (what, bytes) in packets_with_string(false, bad, &[]) {
+            let before = protocol_errors(&b);
+            let mut c = v311_client(&b, "utf8-bad").await;
+            c.send(&bytes).await;
+            assert_eq!(read_to_close(&mut c).await, b"", "{what} with {name}");
+            assert_eq!(protocol_errors(&b), before + 1, "{what} with {name}");
+        }
+    }
+    watcher.expect_silence(QUIET).await;
+    b.stop().await;
+}
+
+/// [MQTT-1.5.3-1, MQTT-1.5.3-2]: the same in a 3.1.1 CONNECT's Client ID, Will Topic or User
+/// Name: the connection is closed without a CONNACK and no session is created.
+#[tokio::test]
+async fn v311_bad_utf8_in_connect_closes_without_connack_mqtt_1_5_3_1_and_1_5_3_2() {
+    let b = TestBroker::start().await;
+    let fields = |s: &'static [u8]| {
+        vec![
+            ("client id", RawConnect::new(s)),
+            (
+                "will topic",
+                RawConnect {
+                    will: Some((s, Vec::new())),
+                    ..RawConnect::new(b"utf8-will")
+                },
+            ),
+            (
+                "user name",
+                RawConnect {
+                    username: Some(s),
+                    ..RawConnect::new(b"utf8-user")
+                },
+            ),
+        ]
+    };
+    for (what, connect) in fields(GOOD_STRING) {
+        let mut c = b.raw().await;
+        c.send(&connect.frame(4)).await;
+        c.expect_bytes(&[0x20, 0x02, 0x00, 0x00]).await;
+        c.send(&[0xe0, 0x00]).await;
+        assert_eq!(read_to_close(&mut c).await, b"", "control {what}");
+    }
+    b.wait_registry_empty().await;
+    for (name, bad) in BAD_STRINGS {
+        for (what, connect) in fields(bad) {
+            let mut c = b.raw().await;
+            c.send(&connect.frame(4)).await;
+            assert_eq!(read_to_close(&mut c).await, b"", "{what} with {name}");
+        }
+    }
+    assert!(b.broker.registry.is_empty());
+    b.stop().await;
+}
+
+/// [MQTT-1.5.4-1, MQTT-1.5.4-2]: in v5, ill-formed UTF-8, surrogates or U+0000 in a topic
+/// filter, topic name, or a User Property of SUBSCRIBE, UNSUBSCRIBE or PUBLISH (key or value)
+/// make a Malformed Packet: DISCONNECT 0x81, then the close. Nothing is delivered.
+#[tokio::test]
+async fn v5_bad_utf8_after_connect_is_disconnect_0x81_mqtt_1_5_4_1_and_1_5_4_2() {
+    let b = TestBroker::start().await;
+    let mut watcher = b.v5_client(v5_connect("utf8-watch5", true), false).await;
+    watcher.sub_v5(1, "#", QoS::AtMostOnce).await;
+
+    let good_user = user_property(b"k", GOOD_STRING);
+    for (what, bytes) in packets_with_string(true, GOOD_STRING, &good_user) {
+        let mut c = b.v5_client(v5_connect("utf8-good5", true), false).await;
+        c.send(&bytes).await;
+        expect_accepted(&mut c, true, what).await;
+    }
+    let _ = watcher.recv_publish().await; // the control PUBLISH
+
+    for (name, bad) in BAD_STRINGS {
+        let cases = [
+            ("string", packets_with_string(true, bad, &[])),
+            (
+                "user property key",
+                packets_with_string(true, b"u/t", &user_property(bad, b"v")),
+            ),
+            (
+                "user property value",
+                packets_with_string(true, b"u/t", &user_property(b"k", bad)),
+            ),
+        ];
+        for (field, packets) in cases {
+            for (what, bytes) in packets {
+                let mut c = b.v5_client(v5_connect("utf8-bad5", true), false).await;
+                c.send(&bytes).await;
+                let d = c.expect_disconnect().await;
+                assert_eq!(
+                    d.reason,
+                    ReasonCode::MALFORMED_PACKET,
+                    "{what} {field} with {name}: {d:?}"
+                );
+            }
+        }
+    }
+    watcher.expect_silence(QUIET).await;
+    b.stop().await;
+}
+
+/// [MQTT-1.5.4-1, MQTT-1.5.4-2, MQTT-3.1.4-1]: in a v5 CONNECT (Client ID, Will Topic, User
+/// Name, a User Property of CONNECT or of the will) they get CONNACK 0x81 Malformed Packet,
+/// then the close; no session is created.
+#[tokio::test]
+async fn v5_bad_utf8_in_connect_is_connack_0x81_mqtt_1_5_4_1_and_1_5_4_2() {
+    let b = TestBroker::start().await;
+    let fields = |s: &'static [u8]| {
+        vec![
+            ("client id", RawConnect::new(s)),
+            (
+                "will topic",
+                RawConnect {
+                    will: Some((s, Vec::new())),
+                    ..RawConnect::new(b"utf8-will5")
+                },
+            ),
+            (
+                "user name",
+                RawConnect {
+                    username: Some(s),
+                    ..RawConnect::new(b"utf8-user5")
+                },
+            ),
+            (
+                "CONNECT user property",
+                RawConnect {
+                    properties: user_property(b"k", s),
+                    ..RawConnect::new(b"utf8-prop5")
+                },
+            ),
+            (
+                "will user property",
+                RawConnect {
+                    will: Some((b"will/t", user_property(s, b"v"))),
+                    ..RawConnect::new(b"utf8-wprop5")
+                },
+            ),
+        ]
+    };
+    for (what, connect) in fields(GOOD_STRING) {
+        let mut c = b.raw().await;
+        c.version = ProtocolVersion::V5;
+        c.send(&connect.frame(5)).await;
+        assert_eq!(c.recv_connack().await.reason, ReasonCode::SUCCESS, "{what}");
+        c.send(&[0xe0, 0x00]).await;
+        c.expect_closed().await;
+    }
+    b.wait_registry_empty().await;
+    for (name, bad) in BAD_STRINGS {
+        for (what, connect) in fields(bad) {
+            let mut c = b.raw().await;
+            c.send(&connect.frame(5)).await;
+            assert_eq!(
+                read_to_close(&mut c).await,
+                [0x20, 0x03, 0x00, 0x81, 0x00],
+                "{what} with {name}"
+            );
+        }
+    }
+    assert!(b.broker.registry.is_empty());
+    b.stop().await;
+}

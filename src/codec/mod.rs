@@ -19,7 +19,7 @@ mod wire;
 mod tests;
 
 use crate::packet::{Packet, ProtocolVersion, ReasonCode};
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;
 use wire::{begin_len, end_len, scan_vbi, Reader, Vbi};
 
@@ -163,7 +163,8 @@ fn check_first_byte(byte1: u8, version: Option<ProtocolVersion>) -> Result<(), D
 /// - Ok(None): the frame is incomplete; nothing consumed; the caller reads more bytes and calls
 ///   again.
 /// - Ok(Some(p)): one complete frame consumed from `buf`.
-/// - Err(e): the connection must be closed (the bytes left in buf don't matter).
+/// - Err(e): the connection must be closed. Before CONNECT (`version` None) the frame is left
+///   in `buf`, so that [`connect_version`] can still tell which version to answer in.
 ///
 /// `version` is None until the client's CONNECT has been decoded: then the only acceptable
 /// packet is CONNECT (anything else -> DecodeError::Protocol) and its protocol name and level
@@ -197,15 +198,18 @@ pub fn decode(
         // the limit per connection with five bytes. Growing the buffer is the reader's policy.
         return Ok(None);
     }
-    // From here the frame is complete: any shortfall inside it is Malformed (gap 1). The body
-    // is frozen so that the PUBLISH payload is a zero-copy slice of it.
+    // From here the frame is complete: any shortfall inside it is Malformed (gap 1).
+    let Some(v) = version else {
+        // check_first_byte let only CONNECT through. Decoded from a copy (once per
+        // connection) and consumed only when valid: see `connect_version`.
+        let c = connect::decode_connect(Reader::new(Bytes::copy_from_slice(&buf[header..size])))?;
+        buf.advance(size);
+        return Ok(Some(Packet::Connect(Box::new(c))));
+    };
+    // The body is frozen so that the PUBLISH payload is a zero-copy slice of it.
     buf.advance(header);
     let body = Reader::new(buf.split_to(remaining).freeze());
     let flags = byte1 & 0x0F;
-    let Some(v) = version else {
-        // check_first_byte let only CONNECT through.
-        return connect::decode_connect(body).map(|c| Some(Packet::Connect(Box::new(c))));
-    };
     let packet = match byte1 >> 4 {
         CONNACK => Packet::ConnAck(connect::decode_connack(body, v)?),
         PUBLISH => Packet::Publish(packets::decode_publish(body, flags, v)?),
@@ -231,6 +235,25 @@ pub fn decode(
         _ => return Err(DecodeError::Protocol("unexpected packet type")),
     };
     Ok(Some(packet))
+}
+
+/// The version of the CONNECT at the front of `buf`, read from its protocol name and level
+/// alone; `None` when those bytes are not there or name no version tether speaks.
+///
+/// After `decode` refused a CONNECT (which it leaves in `buf`), this tells whether the client
+/// speaks v5 and may be told why in a CONNACK (section 4.13) rather than just disconnected.
+pub fn connect_version(buf: &[u8]) -> Option<ProtocolVersion> {
+    if buf.first()? >> 4 != CONNECT {
+        return None;
+    }
+    let Ok(Vbi::Done(_, n)) = scan_vbi(buf.get(1..)?) else {
+        return None;
+    };
+    let rest = buf.get(1 + n..)?;
+    let name_len = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
+    let name = rest.get(2..2 + name_len)?;
+    let level = *rest.get(2 + name_len)?;
+    connect::protocol_of(name, level).ok()
 }
 
 /// Append the encoding of `packet` for a peer speaking `version` to `out`. On error NOTHING is

@@ -1088,7 +1088,7 @@ fn v5_property_rules() {
 }
 
 #[test]
-fn publish_topic_only_needs_utf8_the_topic_module_checks_the_rest() {
+fn publish_topic_only_needs_a_utf8_string_the_topic_module_checks_the_rest() {
     let p = dec1(
         &[0x30, 0x06, 0x00, 0x03, b'a', b'/', b'+', b'x'],
         Some(V311),
@@ -1098,6 +1098,67 @@ fn publish_topic_only_needs_utf8_the_topic_module_checks_the_rest() {
     // Empty topic: legal on the wire in v5 with a Topic Alias.
     let p = dec1(&[0x30, 0x06, 0x00, 0x00, 0x03, 0x23, 0x00, 0x05], Some(V5));
     assert!(matches!(p, Packet::Publish(Publish { ref topic, .. }) if topic.is_empty()));
+}
+
+/// [MQTT-1.5.3-1, MQTT-1.5.3-2, MQTT-1.5.4-1, MQTT-1.5.4-2]: topic names and filters are
+/// UTF-8 strings like any other: U+0000 and surrogates in them are Malformed, in both versions.
+#[test]
+fn topics_and_filters_refuse_nul_and_surrogates_mqtt_1_5_3_and_1_5_4() {
+    for bad in [
+        &b"a\x00b"[..],
+        b"\xed\xa0\x80",
+        b"\xed\xbf\xbf",
+        b"\xc0\xaf",
+    ] {
+        let mut s = vec![0x00, bad.len() as u8];
+        s.extend_from_slice(bad);
+        for v in [V311, V5] {
+            let props: &[u8] = if v == V5 { &[0x00] } else { &[] };
+            let mut publish = s.clone();
+            publish.extend_from_slice(props);
+            publish.push(b'x');
+            malformed(dec(&frame(0x30, &publish), Some(v)));
+            let mut sub = vec![0x00, 0x01];
+            sub.extend_from_slice(props);
+            sub.extend_from_slice(&s);
+            sub.push(0x00);
+            malformed(dec(&frame(0x82, &sub), Some(v)));
+            let mut unsub = vec![0x00, 0x01];
+            unsub.extend_from_slice(props);
+            unsub.extend_from_slice(&s);
+            malformed(dec(&frame(0xa2, &unsub), Some(v)));
+        }
+    }
+}
+
+/// A CONNECT that does not decode stays in the buffer, and `connect_version` reads its version
+/// from the name and level alone (the caller answers a v5 client with a CONNACK).
+#[test]
+fn refused_connect_stays_buffered_and_names_its_version() {
+    for (level, v) in [(4, V311), (5, V5)] {
+        let bytes = connect_frame(b"MQTT", level, 0x02, b"\x00\x01\x00");
+        let mut buf = BytesMut::from(&bytes[..]);
+        assert!(decode(&mut buf, None, MAX).is_err());
+        assert_eq!(&buf[..], &bytes[..]);
+        assert_eq!(connect_version(&buf), Some(v));
+    }
+    let good = enc(&Packet::Connect(Box::new(connect(V5))), V5);
+    let mut buf = BytesMut::from(&good[..]);
+    assert!(matches!(
+        decode(&mut buf, None, MAX),
+        Ok(Some(Packet::Connect(_)))
+    ));
+    assert!(buf.is_empty());
+    // Fixed header (2 bytes), name (6), level: known once 9 bytes are in.
+    let small = connect_frame(b"MQTT", 5, 0x02, b"\x00\x00\x01a");
+    assert_eq!(connect_version(&small[..8]), None, "level not buffered yet");
+    assert_eq!(connect_version(&small[..9]), Some(V5));
+    assert_eq!(connect_version(&connect_frame(b"MQTT", 9, 0x02, b"")), None);
+    assert_eq!(
+        connect_version(&connect_frame(b"MQIsdp", 3, 0x02, b"")),
+        Some(V31)
+    );
+    assert_eq!(connect_version(&[0x30, 0x00]), None);
 }
 
 // ---------------------------------------------------------------- encoder limits (gap 8)
