@@ -186,7 +186,10 @@ async fn run(mut stream: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown
     // SessionEnd must be durable before the client hears Session Present = 0.
     crate::store::take_sync_mark();
     let (mut session, present) = match old {
-        Some(s) if !connect.clean_start => (s, true),
+        // A session taken over from a Clean Session 1 / Session Expiry 0 connection ended
+        // with that connection: it is discarded like one that Clean Start discards
+        // [MQTT-3.1.2-6] (v5 section 3.1.2.11.2).
+        Some(s) if !connect.clean_start && s.expiry_interval > 0 => (s, true),
         Some(s) => {
             // Clean Start discards the old session [MQTT-3.1.2-4, MQTT-3.1.2-6].
             broker.end_session(s);

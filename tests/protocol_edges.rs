@@ -498,3 +498,133 @@ async fn v5_bad_utf8_in_connect_is_connack_0x81_mqtt_1_5_4_1_and_1_5_4_2() {
     assert!(b.broker.registry.is_empty());
     b.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 3. Takeover of a session that ends with its connection
+// ---------------------------------------------------------------------------------------------
+
+/// [MQTT-3.1.2-6, MQTT-3.1.4-3, MQTT-3.1.2-8]: A connected with Clean Session = 1, so its
+/// session lasts only as long as its connection. B taking over with Clean Session = 0 closes
+/// A (its will is published: a takeover is no DISCONNECT) and gets a new, empty session:
+/// Session Present 0, and A's subscription does not deliver to B.
+#[tokio::test]
+async fn v311_takeover_of_a_clean_session_does_not_resume_it_mqtt_3_1_2_6() {
+    let b = TestBroker::start().await;
+    let mut w = v311_client(&b, "tko-watch").await;
+    w.send(&subscribe(1, "tko/will", 0)).await;
+    w.expect_bytes(&[0x90, 0x03, 0x00, 0x01, 0x00]).await;
+
+    let mut a = b.raw().await;
+    a.send(&connect_v311_will(
+        "tko", true, "tko/will", b"a-gone", 0, false,
+    ))
+    .await;
+    a.expect_bytes(&[0x20, 0x02, 0x00, 0x00]).await;
+    a.send(&subscribe(1, "tko/t", 1)).await;
+    a.expect_bytes(&[0x90, 0x03, 0x00, 0x01, 0x01]).await;
+
+    let mut bc = b.raw().await;
+    bc.send(&connect_v311("tko", false, 60)).await;
+    bc.expect_bytes(&[0x20, 0x02, 0x00, 0x00]).await;
+    assert_eq!(read_to_close(&mut a).await, b"");
+    w.expect_bytes(&publish("tko/will", 0, 0, false, false, b"a-gone"))
+        .await;
+
+    let mut p = v311_client(&b, "tko-pub").await;
+    p.send(&publish("tko/t", 1, 1, false, false, b"for-a"))
+        .await;
+    p.expect_bytes(&ack(0x40, 1)).await;
+    bc.expect_silence(QUIET).await;
+
+    // B's session is its own and persistent: resumed by B's next connection, still empty.
+    bc.send(&[0xe0, 0x00]).await;
+    assert_eq!(read_to_close(&mut bc).await, b"");
+    let mut again = b.raw().await;
+    again.send(&connect_v311("tko", false, 60)).await;
+    again.expect_bytes(&[0x20, 0x02, 0x01, 0x00]).await;
+    p.send(&publish("tko/t", 1, 2, false, false, b"still-not"))
+        .await;
+    p.expect_bytes(&ack(0x40, 2)).await;
+    again.expect_silence(QUIET).await;
+    b.stop().await;
+}
+
+/// Section 3.1.2.11.2 (Session Expiry Interval 0: the session ends when the network connection
+/// closes), [MQTT-3.1.4-3]: A with Session Expiry 0 is taken over by B with Clean Start 0 and
+/// Session Expiry 60. A gets DISCONNECT 0x8E and its will is published (A's session ends, so
+/// no delay applies); B gets Session Present 0 and none of A's subscriptions.
+#[tokio::test]
+async fn v5_takeover_of_a_session_with_expiry_0_does_not_resume_it() {
+    let b = TestBroker::start().await;
+    let mut w = b.v5_client(v5_connect("tko5-watch", true), false).await;
+    w.sub_v5(1, "tko5/will", QoS::AtMostOnce).await;
+
+    let mut connect = v5_connect_expiry("tko5", true, Some(0));
+    connect.will = Some(v5_will("tko5/will", b"a-gone", 0));
+    let mut a = b.v5_client(connect, false).await;
+    a.sub_v5(1, "tko5/t", QoS::AtLeastOnce).await;
+
+    let mut bc = b
+        .v5_client(v5_connect_expiry("tko5", false, Some(60)), false)
+        .await;
+    assert_eq!(
+        a.expect_disconnect().await.reason,
+        ReasonCode::SESSION_TAKEN_OVER
+    );
+    let will = w.recv_publish().await;
+    assert_eq!(
+        (will.topic.as_str(), &will.payload[..]),
+        ("tko5/will", &b"a-gone"[..])
+    );
+
+    let mut p = b.v5_client(v5_connect("tko5-pub", true), false).await;
+    p.pub1_v5(v5_publish("tko5/t", QoS::AtLeastOnce, 1, b"for-a"))
+        .await;
+    bc.expect_silence(QUIET).await;
+
+    // The same with a will delay: A's session ends with the takeover, so its will goes at once
+    // (section 3.1.3.2.2: at the delay or the end of the session, whichever is first).
+    let mut connect = v5_connect("tko5d", true);
+    connect.will = Some(v5_will("tko5/will", b"a-delayed", 30));
+    let mut a = b.v5_client(connect, false).await;
+    let _bc = b
+        .v5_client(v5_connect_expiry("tko5d", false, Some(60)), false)
+        .await;
+    assert_eq!(
+        a.expect_disconnect().await.reason,
+        ReasonCode::SESSION_TAKEN_OVER
+    );
+    assert_eq!(&w.recv_publish().await.payload[..], b"a-delayed");
+    b.stop().await;
+}
+
+/// The takeover rules across versions: a 3.1.1 Clean Session = 1 connection taken over by a
+/// v5 Clean Start 0 client, and a v5 Session Expiry 0 one by a 3.1.1 Clean Session 0 client,
+/// both start new sessions (Session Present 0).
+#[tokio::test]
+async fn cross_version_takeover_of_a_connection_bound_session_does_not_resume_it() {
+    let b = TestBroker::start().await;
+    let mut a = v311_client(&b, "tkx").await;
+    a.send(&subscribe(1, "tkx/t", 0)).await;
+    a.expect_bytes(&[0x90, 0x03, 0x00, 0x01, 0x00]).await;
+    let mut bc = b
+        .v5_client(v5_connect_expiry("tkx", false, Some(60)), false)
+        .await;
+    assert_eq!(read_to_close(&mut a).await, b"");
+    let mut p = v311_client(&b, "tkx-pub").await;
+    p.send(&publish("tkx/t", 0, 0, false, false, b"x")).await;
+    bc.expect_silence(QUIET).await;
+
+    let mut a = b.v5_client(v5_connect("tkx5", true), false).await;
+    a.sub_v5(1, "tkx5/t", QoS::AtMostOnce).await;
+    let mut bc = b.raw().await;
+    bc.send(&connect_v311("tkx5", false, 60)).await;
+    bc.expect_bytes(&[0x20, 0x02, 0x00, 0x00]).await;
+    assert_eq!(
+        a.expect_disconnect().await.reason,
+        ReasonCode::SESSION_TAKEN_OVER
+    );
+    p.send(&publish("tkx5/t", 0, 0, false, false, b"x")).await;
+    bc.expect_silence(QUIET).await;
+    b.stop().await;
+}
