@@ -130,6 +130,11 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             Ok(Err(ConnectError::Decode(e))) => {
                 Stats::incr(&broker.stats.protocol_errors);
                 warn!("bad CONNECT: {e}");
+                // v5 may say why before closing (section 4.13); 3.1.1 just closes
+                // [MQTT-3.1.4-1].
+                if codec::connect_version(&inbuf).is_some_and(|v| v.is_v5()) {
+                    refuse(&mut stream, ProtocolVersion::V5, e.reason_code()).await;
+                }
                 return;
             }
             Ok(Ok(c)) => c,
@@ -269,7 +274,10 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     // SessionEnd must be durable before the client hears Session Present = 0.
     crate::store::take_sync_mark();
     let (mut session, present) = match old {
-        Some(s) if !connect.clean_start => (s, true),
+        // A session taken over from a Clean Session 1 / Session Expiry 0 connection ended
+        // with that connection: it is discarded like one that Clean Start discards
+        // [MQTT-3.1.2-6] (v5 section 3.1.2.11.2).
+        Some(s) if !connect.clean_start && s.expiry_interval > 0 => (s, true),
         Some(s) => {
             // Clean Start discards the old session [MQTT-3.1.2-4, MQTT-3.1.2-6].
             broker.end_session(s);
@@ -341,16 +349,26 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
         props.maximum_packet_size = u32::try_from(config.listener.max_packet_size).ok();
         props.topic_alias_maximum = (config.listener.topic_alias_maximum > 0)
             .then_some(config.listener.topic_alias_maximum);
-        props.shared_subscription_available = Some(1);
-        props.subscription_identifiers_available = Some(1);
-        props.wildcard_subscription_available = Some(1);
-        props.retain_available = Some(1);
+        // Retain, Wildcard, Subscription Identifier and Shared Subscription Available and
+        // Maximum QoS are left out: absent means supported, which they all are, and every
+        // byte counts against a small client Maximum Packet Size.
     }
-    conn.send(&Packet::ConnAck(ConnAck {
+    if !conn.send(&Packet::ConnAck(ConnAck {
         session_present: present,
         reason: ReasonCode::SUCCESS,
         properties: props,
-    }));
+    })) {
+        // Not even the trimmed CONNACK fits the client's Maximum Packet Size [MQTT-3.1.2-24]:
+        // the connection can never start, so close it rather than leave the client waiting.
+        // The client never learnt it was connected: its will is not published.
+        warn!(
+            max = ?conn.peer_max_packet,
+            "CONNACK exceeds the client's Maximum Packet Size; closing"
+        );
+        conn.will = None;
+        finish(conn, stream, session, Exit::PeerClosed, control_rx, held).await;
+        return;
+    }
     held.connack_queued(conn.out.len());
     // Everything in flight goes out again, as the window allows (`Conn::pump`).
     session.begin_resume();

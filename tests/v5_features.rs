@@ -1080,18 +1080,19 @@ async fn connect_with_authentication_method_is_refused() {
 // 18. CONNACK capabilities (rumqttc)
 // ---------------------------------------------------------------------------------------------
 
-/// Section 3.2.2.3: CONNACK announces Retain, Wildcard Subscription, Subscription Identifiers
-/// and Shared Subscription Available, Topic Alias Maximum, Receive Maximum, Maximum Packet
-/// Size, and no Maximum QoS (absent = 2), as decoded by rumqttc and by our codec.
+/// Section 3.2.2.3: CONNACK announces Topic Alias Maximum, Receive Maximum and Maximum Packet
+/// Size; Retain, Wildcard Subscription, Subscription Identifiers and Shared Subscription
+/// Available and Maximum QoS are absent, which means all are supported (1, and QoS 2), as
+/// decoded by rumqttc and by our codec.
 #[tokio::test]
 async fn connack_announces_capabilities() {
     let b = TestBroker::start().await;
     let (_client, _el, ack) = rum::connect(rum::options(&b, "caps")).await;
     let p = ack.properties.expect("CONNACK properties");
-    assert_eq!(p.retain_available, Some(1));
-    assert_eq!(p.wildcard_subscription_available, Some(1));
-    assert_eq!(p.subscription_identifiers_available, Some(1));
-    assert_eq!(p.shared_subscription_available, Some(1));
+    assert_eq!(p.retain_available, None);
+    assert_eq!(p.wildcard_subscription_available, None);
+    assert_eq!(p.subscription_identifiers_available, None);
+    assert_eq!(p.shared_subscription_available, None);
     assert_eq!(p.topic_alias_max, Some(16));
     assert_eq!(p.max_qos, None, "Maximum QoS absent: QoS 2 supported");
     assert_eq!(p.receive_max, Some(64));
@@ -1109,7 +1110,7 @@ async fn connack_announces_capabilities() {
             q.topic_alias_maximum,
             q.maximum_qos
         ),
-        (Some(1), Some(1), Some(1), Some(1), Some(16), None)
+        (None, None, None, None, Some(16), None)
     );
     b.stop().await;
 }

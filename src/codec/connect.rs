@@ -18,20 +18,23 @@ const FLAG_WILL_RETAIN: u8 = 0b0010_0000;
 const FLAG_PASSWORD: u8 = 0b0100_0000;
 const FLAG_USERNAME: u8 = 0b1000_0000;
 
+/// The version a CONNECT's protocol name and level choose.
+pub(crate) fn protocol_of(name: &[u8], level: u8) -> Result<ProtocolVersion, DecodeError> {
+    match (name, level) {
+        (b"MQTT", 4) => Ok(ProtocolVersion::V311),
+        (b"MQTT", 5) => Ok(ProtocolVersion::V5),
+        (b"MQIsdp", 3) => Ok(ProtocolVersion::V31),
+        (b"MQTT", _) | (b"MQIsdp", _) => Err(DecodeError::UnsupportedProtocolVersion(level)),
+        _ => Err(DecodeError::Protocol("unknown protocol name")),
+    }
+}
+
 /// Decodes a CONNECT body; the protocol name and level choose the version.
 pub(crate) fn decode_connect(mut r: Reader) -> Result<Connect, DecodeError> {
     // Read the name as raw bytes: an unknown name is a Protocol Error, not a UTF-8 question.
     let name = r.binary()?;
     let level = r.u8()?;
-    let protocol = match (&name[..], level) {
-        (b"MQTT", 4) => ProtocolVersion::V311,
-        (b"MQTT", 5) => ProtocolVersion::V5,
-        (b"MQIsdp", 3) => ProtocolVersion::V31,
-        (b"MQTT", _) | (b"MQIsdp", _) => {
-            return Err(DecodeError::UnsupportedProtocolVersion(level))
-        }
-        _ => return Err(DecodeError::Protocol("unknown protocol name")),
-    };
+    let protocol = protocol_of(&name, level)?;
     let flags = r.u8()?;
     if flags & FLAG_RESERVED != 0 {
         return Err(DecodeError::Malformed(

@@ -19,7 +19,7 @@ mod wire;
 mod tests;
 
 use crate::packet::{Packet, ProtocolVersion, ReasonCode};
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;
 use wire::{begin_len, end_len, scan_vbi, Reader, Vbi};
 
@@ -163,7 +163,8 @@ fn check_first_byte(byte1: u8, version: Option<ProtocolVersion>) -> Result<(), D
 /// - Ok(None): the frame is incomplete; nothing consumed; the caller reads more bytes and calls
 ///   again.
 /// - Ok(Some(p)): one complete frame consumed from `buf`.
-/// - Err(e): the connection must be closed (the bytes left in buf don't matter).
+/// - Err(e): the connection must be closed. Before CONNECT (`version` None) the frame is left
+///   in `buf`, so that [`connect_version`] can still tell which version to answer in.
 ///
 /// `version` is None until the client's CONNECT has been decoded: then the only acceptable
 /// packet is CONNECT (anything else -> DecodeError::Protocol) and its protocol name and level
@@ -197,15 +198,18 @@ pub fn decode(
         // the limit per connection with five bytes. Growing the buffer is the reader's policy.
         return Ok(None);
     }
-    // From here the frame is complete: any shortfall inside it is Malformed (gap 1). The body
-    // is frozen so that the PUBLISH payload is a zero-copy slice of it.
+    // From here the frame is complete: any shortfall inside it is Malformed (gap 1).
+    let Some(v) = version else {
+        // check_first_byte let only CONNECT through. Decoded from a copy (once per
+        // connection) and consumed only when valid: see `connect_version`.
+        let c = connect::decode_connect(Reader::new(Bytes::copy_from_slice(&buf[header..size])))?;
+        buf.advance(size);
+        return Ok(Some(Packet::Connect(Box::new(c))));
+    };
+    // The body is frozen so that the PUBLISH payload is a zero-copy slice of it.
     buf.advance(header);
     let body = Reader::new(buf.split_to(remaining).freeze());
     let flags = byte1 & 0x0F;
-    let Some(v) = version else {
-        // check_first_byte let only CONNECT through.
-        return connect::decode_connect(body).map(|c| Some(Packet::Connect(Box::new(c))));
-    };
     let packet = match byte1 >> 4 {
         CONNACK => Packet::ConnAck(connect::decode_connack(body, v)?),
         PUBLISH => Packet::Publish(packets::decode_publish(body, flags, v)?),
@@ -233,9 +237,35 @@ pub fn decode(
     Ok(Some(packet))
 }
 
+/// The version of the CONNECT at the front of `buf`, read from its protocol name and level
+/// alone; `None` when those bytes are not there or name no version tether speaks.
+///
+/// After `decode` refused a CONNECT (which it leaves in `buf`), this tells whether the client
+/// speaks v5 and may be told why in a CONNACK (section 4.13) rather than just disconnected.
+pub fn connect_version(buf: &[u8]) -> Option<ProtocolVersion> {
+    if buf.first()? >> 4 != CONNECT {
+        return None;
+    }
+    let Ok(Vbi::Done(_, n)) = scan_vbi(buf.get(1..)?) else {
+        return None;
+    };
+    let rest = buf.get(1 + n..)?;
+    let name_len = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
+    let name = rest.get(2..2 + name_len)?;
+    let level = *rest.get(2 + name_len)?;
+    connect::protocol_of(name, level).ok()
+}
+
 /// Append the encoding of `packet` for a peer speaking `version` to `out`. On error NOTHING is
 /// appended. `max_packet_size` is the peer's maximum (None = protocol maximum). Returns the
 /// number of bytes written.
+///
+/// A packet over the peer's maximum is encoded again without its Reason String, then also
+/// without its User Properties: the spec forbids sending either when it would make the packet
+/// exceed the maximum (CONNACK [MQTT-3.2.2-19, MQTT-3.2.2-20], PUBACK to PUBCOMP, SUBACK,
+/// DISCONNECT likewise), while the rest of the packet carries what the receiver needs. A PUBLISH
+/// is never trimmed (its User Properties belong to the message): it stays `TooLarge`, for the
+/// caller to drop [MQTT-3.1.2-25].
 ///
 /// Version-specific fields are dropped or mapped where the older protocol has no room for them
 /// (3.1.1 CONNACK return codes and SUBACK failure codes, no properties or ack reasons). For
@@ -247,11 +277,57 @@ pub fn encode(
     out: &mut BytesMut,
 ) -> Result<usize, EncodeError> {
     let start = out.len();
-    let result = encode_unchecked(packet, version, max_packet_size.unwrap_or(usize::MAX), out);
+    let max = max_packet_size.unwrap_or(usize::MAX);
+    let mut result = encode_unchecked(packet, version, max, out);
+    for drop_users in [false, true] {
+        if !matches!(result, Err(EncodeError::TooLarge { .. })) {
+            break;
+        }
+        if let Some(smaller) = without_optional(packet, drop_users) {
+            out.truncate(start);
+            result = encode_unchecked(&smaller, version, max, out);
+        }
+    }
     if result.is_err() {
         out.truncate(start);
     }
     result
+}
+
+/// `packet` without its Reason String (and, with `drop_users`, without its User Properties
+/// too); `None` when it has nothing of the kind to leave out.
+fn without_optional(packet: &Packet, drop_users: bool) -> Option<Packet> {
+    if !matches!(
+        packet,
+        Packet::ConnAck(_)
+            | Packet::PubAck(_)
+            | Packet::PubRec(_)
+            | Packet::PubRel(_)
+            | Packet::PubComp(_)
+            | Packet::SubAck(_)
+            | Packet::Disconnect(_)
+    ) {
+        return None;
+    }
+    let mut p = packet.clone();
+    let (reason_string, users) = match &mut p {
+        Packet::ConnAck(c) => (
+            &mut c.properties.reason_string,
+            Some(&mut c.properties.user_properties),
+        ),
+        Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
+            (&mut a.reason_string, Some(&mut a.user_properties))
+        }
+        Packet::SubAck(s) => (&mut s.reason_string, None),
+        Packet::Disconnect(d) => (&mut d.reason_string, Some(&mut d.user_properties)),
+        _ => return None,
+    };
+    let mut changed = reason_string.take().is_some();
+    if let (true, Some(users)) = (drop_users, users) {
+        changed |= !users.is_empty();
+        users.clear();
+    }
+    changed.then_some(p)
 }
 
 /// Writes the packet, possibly leaving a partial frame behind on error (`encode` truncates).

@@ -41,8 +41,8 @@ pub(crate) fn decode_publish(
             "DUP set on a QoS 0 PUBLISH [MQTT-3.3.1-2]",
         ));
     }
-    // Wildcards and U+0000 in topic names are the topic module's to reject.
-    let topic = r.utf8()?;
+    // Wildcards in topic names are the topic module's to reject.
+    let topic = r.string()?;
     let packet_id = if qos == QoS::AtMostOnce {
         0
     } else {
@@ -175,7 +175,7 @@ pub(crate) fn decode_subscribe(
     };
     let mut filters = Vec::new();
     while !r.is_empty() {
-        let filter = r.utf8()?;
+        let filter = r.string()?;
         let opts = r.u8()?;
         let qos = QoS::from_u8(opts & 3)
             .ok_or(DecodeError::Malformed("subscription QoS 3 [MQTT-3.8.3-4]"))?;
@@ -329,7 +329,7 @@ pub(crate) fn decode_unsubscribe(
     };
     let mut filters = Vec::new();
     while !r.is_empty() {
-        filters.push(r.utf8()?);
+        filters.push(r.string()?);
     }
     if filters.is_empty() {
         return Err(DecodeError::Protocol(

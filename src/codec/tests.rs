@@ -1088,7 +1088,7 @@ fn v5_property_rules() {
 }
 
 #[test]
-fn publish_topic_only_needs_utf8_the_topic_module_checks_the_rest() {
+fn publish_topic_only_needs_a_utf8_string_the_topic_module_checks_the_rest() {
     let p = dec1(
         &[0x30, 0x06, 0x00, 0x03, b'a', b'/', b'+', b'x'],
         Some(V311),
@@ -1098,6 +1098,67 @@ fn publish_topic_only_needs_utf8_the_topic_module_checks_the_rest() {
     // Empty topic: legal on the wire in v5 with a Topic Alias.
     let p = dec1(&[0x30, 0x06, 0x00, 0x00, 0x03, 0x23, 0x00, 0x05], Some(V5));
     assert!(matches!(p, Packet::Publish(Publish { ref topic, .. }) if topic.is_empty()));
+}
+
+/// [MQTT-1.5.3-1, MQTT-1.5.3-2, MQTT-1.5.4-1, MQTT-1.5.4-2]: topic names and filters are
+/// UTF-8 strings like any other: U+0000 and surrogates in them are Malformed, in both versions.
+#[test]
+fn topics_and_filters_refuse_nul_and_surrogates_mqtt_1_5_3_and_1_5_4() {
+    for bad in [
+        &b"a\x00b"[..],
+        b"\xed\xa0\x80",
+        b"\xed\xbf\xbf",
+        b"\xc0\xaf",
+    ] {
+        let mut s = vec![0x00, bad.len() as u8];
+        s.extend_from_slice(bad);
+        for v in [V311, V5] {
+            let props: &[u8] = if v == V5 { &[0x00] } else { &[] };
+            let mut publish = s.clone();
+            publish.extend_from_slice(props);
+            publish.push(b'x');
+            malformed(dec(&frame(0x30, &publish), Some(v)));
+            let mut sub = vec![0x00, 0x01];
+            sub.extend_from_slice(props);
+            sub.extend_from_slice(&s);
+            sub.push(0x00);
+            malformed(dec(&frame(0x82, &sub), Some(v)));
+            let mut unsub = vec![0x00, 0x01];
+            unsub.extend_from_slice(props);
+            unsub.extend_from_slice(&s);
+            malformed(dec(&frame(0xa2, &unsub), Some(v)));
+        }
+    }
+}
+
+/// A CONNECT that does not decode stays in the buffer, and `connect_version` reads its version
+/// from the name and level alone (the caller answers a v5 client with a CONNACK).
+#[test]
+fn refused_connect_stays_buffered_and_names_its_version() {
+    for (level, v) in [(4, V311), (5, V5)] {
+        let bytes = connect_frame(b"MQTT", level, 0x02, b"\x00\x01\x00");
+        let mut buf = BytesMut::from(&bytes[..]);
+        assert!(decode(&mut buf, None, MAX).is_err());
+        assert_eq!(&buf[..], &bytes[..]);
+        assert_eq!(connect_version(&buf), Some(v));
+    }
+    let good = enc(&Packet::Connect(Box::new(connect(V5))), V5);
+    let mut buf = BytesMut::from(&good[..]);
+    assert!(matches!(
+        decode(&mut buf, None, MAX),
+        Ok(Some(Packet::Connect(_)))
+    ));
+    assert!(buf.is_empty());
+    // Fixed header (2 bytes), name (6), level: known once 9 bytes are in.
+    let small = connect_frame(b"MQTT", 5, 0x02, b"\x00\x00\x01a");
+    assert_eq!(connect_version(&small[..8]), None, "level not buffered yet");
+    assert_eq!(connect_version(&small[..9]), Some(V5));
+    assert_eq!(connect_version(&connect_frame(b"MQTT", 9, 0x02, b"")), None);
+    assert_eq!(
+        connect_version(&connect_frame(b"MQIsdp", 3, 0x02, b"")),
+        Some(V31)
+    );
+    assert_eq!(connect_version(&[0x30, 0x00]), None);
 }
 
 // ---------------------------------------------------------------- encoder limits (gap 8)
@@ -1156,6 +1217,101 @@ fn encoder_enforces_peer_maximum_packet_size_mqtt_3_1_2_24() {
         })
     );
     assert_eq!(&out[..], b"keep");
+}
+
+/// [MQTT-3.2.2-19, MQTT-3.2.2-20, MQTT-3.4.2-2, MQTT-3.4.2-3, MQTT-3.14.2-3, MQTT-3.14.2-4]:
+/// over the peer's maximum, the Reason String goes first, then the User Properties; the
+/// rest of the packet is kept, and what still does not fit is refused.
+#[test]
+fn encoder_drops_reason_string_then_user_properties_to_fit_the_peer_maximum() {
+    let ack = full_ack();
+    let no_reason = Ack {
+        reason_string: None,
+        ..ack.clone()
+    };
+    let bare = Ack {
+        user_properties: vec![],
+        ..no_reason.clone()
+    };
+    let connack = ConnAck {
+        session_present: true,
+        reason: ReasonCode::SUCCESS,
+        properties: full_connack_props(),
+    };
+    let mut connack_no_reason = connack.clone();
+    connack_no_reason.properties.reason_string = None;
+    let mut connack_bare = connack_no_reason.clone();
+    connack_bare.properties.user_properties.clear();
+    let disconnect = full_disconnect();
+    let disconnect_bare = Disconnect {
+        reason_string: None,
+        user_properties: vec![],
+        ..disconnect.clone()
+    };
+    let suback = SubAck {
+        packet_id: 3,
+        reasons: vec![ReasonCode(1)],
+        reason_string: Some("granted".into()),
+    };
+    let suback_bare = SubAck {
+        reason_string: None,
+        ..suback.clone()
+    };
+    // (packet, what fits a maximum of exactly its size, whether nothing is left to drop)
+    let cases = [
+        (
+            Packet::PubAck(ack.clone()),
+            Packet::PubAck(no_reason),
+            false,
+        ),
+        (
+            Packet::PubAck(ack.clone()),
+            Packet::PubAck(bare.clone()),
+            true,
+        ),
+        (Packet::PubRel(ack), Packet::PubRel(bare), true),
+        (
+            Packet::ConnAck(connack.clone()),
+            Packet::ConnAck(connack_no_reason),
+            false,
+        ),
+        (
+            Packet::ConnAck(connack),
+            Packet::ConnAck(connack_bare),
+            true,
+        ),
+        (
+            Packet::Disconnect(disconnect),
+            Packet::Disconnect(disconnect_bare),
+            true,
+        ),
+        (Packet::SubAck(suback), Packet::SubAck(suback_bare), true),
+    ];
+    for (full, fitting, smallest) in cases {
+        let expected = enc(&fitting, V5);
+        let mut out = BytesMut::from(&b"keep"[..]);
+        assert_eq!(
+            encode(&full, V5, Some(expected.len()), &mut out),
+            Ok(expected.len()),
+            "{full:?}"
+        );
+        assert_eq!(&out[4..], &expected[..], "{full:?}");
+        if smallest {
+            let mut out = BytesMut::from(&b"keep"[..]);
+            assert!(matches!(
+                encode(&full, V5, Some(expected.len() - 1), &mut out),
+                Err(EncodeError::TooLarge { .. })
+            ));
+            assert_eq!(&out[..], b"keep");
+        }
+    }
+    // A PUBLISH is never trimmed: its User Properties are part of the message.
+    let p = Packet::Publish(publish(QoS::AtMostOnce, full_publish_props()));
+    let size = enc(&p, V5).len();
+    assert!(matches!(
+        encode(&p, V5, Some(size - 1), &mut BytesMut::new()),
+        Err(EncodeError::TooLarge { .. })
+    ));
 }
 
 #[test]

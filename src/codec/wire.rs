@@ -131,24 +131,20 @@ impl Reader {
         self.take(n)
     }
 
-    /// UTF-8 Encoded String that may contain U+0000. Only topic names and filters use it: the
-    /// topic module rejects NUL there with a topic-specific reason code.
-    pub(crate) fn utf8(&mut self) -> Result<String, DecodeError> {
-        let raw = self.binary()?;
-        match std::str::from_utf8(&raw) {
-            Ok(s) => Ok(s.to_owned()),
-            Err(_) => Err(DecodeError::Malformed("invalid UTF-8 string")),
-        }
-    }
-
-    /// UTF-8 Encoded String; U+0000 is forbidden [MQTT-1.5.4-2] and Rust's decoder already
-    /// rejects surrogates and over-long forms [MQTT-1.5.4-1].
+    /// UTF-8 Encoded String: the one validator of every string field (topic names and
+    /// filters, Client ID, User Name, will topic, string properties, User Property pairs).
+    /// Rust's decoder rejects ill-formed sequences, over-long forms and surrogates
+    /// U+D800..U+DFFF [MQTT-1.5.3-1, MQTT-1.5.4-1]; U+0000 is valid Unicode, so it is refused
+    /// here [MQTT-1.5.3-2, MQTT-1.5.4-2]. Both are Malformed: 3.1.1 closes the connection, v5
+    /// says 0x81 first.
     pub(crate) fn string(&mut self) -> Result<String, DecodeError> {
-        let s = self.utf8()?;
+        let raw = self.binary()?;
+        let s = std::str::from_utf8(&raw)
+            .map_err(|_| DecodeError::Malformed("ill-formed UTF-8 string"))?;
         if s.contains('\0') {
             return Err(DecodeError::Malformed("U+0000 in a UTF-8 string"));
         }
-        Ok(s)
+        Ok(s.to_owned())
     }
 }
 

@@ -1,0 +1,630 @@
+//! Protocol edges of issue #12, black box over real sockets with exact bytes: packets that must
+//! fit the client's Maximum Packet Size (CONNACK above all), UTF-8 strings that must close the
+//! connection wherever they appear, and a takeover of a session that ended with its connection.
+mod common;
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::*;
+use tether::codec;
+use tether::packet::{ConnAck, Packet, ProtocolVersion, Publish, QoS, ReasonCode};
+use tether::stats::Stats;
+use tokio::io::AsyncReadExt;
+
+/// Short window for "nothing (more) arrives".
+const QUIET: Duration = Duration::from_millis(300);
+
+/// Every byte the broker sends until it closes the connection (EOF or reset), failing after
+/// `WAIT`. Only for a client with nothing buffered.
+async fn read_to_close(c: &mut Raw) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(WAIT, c.stream.read(&mut chunk)).await {
+            Err(_) => panic!("connection not closed; received {got:02x?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// One whole packet as the broker sent it (a remaining length below 128 bytes).
+async fn read_small_packet(c: &mut Raw) -> Vec<u8> {
+    let mut bytes = c.read_exact(2).await;
+    assert!(bytes[1] < 0x80, "unexpectedly long packet: {bytes:02x?}");
+    bytes.extend(c.read_exact(usize::from(bytes[1])).await);
+    bytes
+}
+
+fn decode_connack(bytes: &[u8]) -> ConnAck {
+    let mut buf = BytesMut::from(bytes);
+    match codec::decode(&mut buf, Some(ProtocolVersion::V5), usize::MAX) {
+        Ok(Some(Packet::ConnAck(a))) => a,
+        other => panic!("expected a CONNACK, got {other:?}"),
+    }
+}
+
+/// The CONNACK the default configuration sends a new v5 session: Receive Maximum 64, Maximum
+/// Packet Size 1 MiB and Topic Alias Maximum 16, nothing else.
+const V5_CONNACK: [u8; 16] = [
+    0x20, 0x0e, 0x00, 0x00, 0x0b, // session present 0, success, 11 bytes of properties
+    0x21, 0x00, 0x40, // Receive Maximum 64
+    0x27, 0x00, 0x10, 0x00, 0x00, // Maximum Packet Size 1,048,576
+    0x22, 0x00, 0x10, // Topic Alias Maximum 16
+];
+
+// ---------------------------------------------------------------------------------------------
+// 1. Packets the client's Maximum Packet Size admits
+// ---------------------------------------------------------------------------------------------
+
+/// Properties whose value is the default when absent are not sent: Retain Available,
+/// Wildcard, Subscription Identifier and Shared Subscription Available (absent = 1) and
+/// Maximum QoS (absent = 2) (section 3.2.2.3).
+fn assert_no_default_valued_properties(a: &ConnAck) {
+    let p = &a.properties;
+    assert_eq!(p.retain_available, None, "{a:?}");
+    assert_eq!(p.wildcard_subscription_available, None, "{a:?}");
+    assert_eq!(p.subscription_identifiers_available, None, "{a:?}");
+    assert_eq!(p.shared_subscription_available, None, "{a:?}");
+    assert_eq!(p.maximum_qos, None, "{a:?}");
+}
+
+/// [MQTT-3.1.2-24, MQTT-3.1.2-25]: a client with Maximum Packet Size 20 gets a CONNACK of at
+/// most 20 bytes (here 16), without default-valued properties, and can go on using the
+/// connection.
+#[tokio::test]
+async fn v5_connack_fits_a_maximum_packet_size_of_20_mqtt_3_1_2_24() {
+    let b = TestBroker::start().await;
+    let mut connect = v5_connect("small", true);
+    connect.properties.maximum_packet_size = Some(20);
+    let mut c = b.raw().await;
+    c.version = ProtocolVersion::V5;
+    c.send_packet(&Packet::Connect(Box::new(connect))).await;
+    let bytes = read_small_packet(&mut c).await;
+    assert!(bytes.len() <= 20, "CONNACK of {} bytes", bytes.len());
+    assert_eq!(bytes, V5_CONNACK);
+    let ack = decode_connack(&bytes);
+    assert_eq!(ack.reason, ReasonCode::SUCCESS);
+    assert_no_default_valued_properties(&ack);
+
+    c.sub_v5(1, "small/t", QoS::AtMostOnce).await;
+    c.send(&[0xc0, 0x00]).await;
+    c.expect_bytes(&[0xd0, 0x00]).await;
+    b.stop().await;
+}
+
+/// Section 3.2.2.3: an ordinary CONNACK carries none of the default-valued properties either.
+#[tokio::test]
+async fn v5_connack_carries_no_default_valued_properties() {
+    let b = TestBroker::start().await;
+    let mut c = b.raw().await;
+    c.version = ProtocolVersion::V5;
+    c.send_packet(&Packet::Connect(Box::new(v5_connect("plain", true))))
+        .await;
+    let bytes = read_small_packet(&mut c).await;
+    assert_eq!(bytes, V5_CONNACK);
+    assert_no_default_valued_properties(&decode_connack(&bytes));
+    b.stop().await;
+}
+
+/// [MQTT-3.1.2-24]: when not even the smallest CONNACK fits (Maximum Packet Size 10 < 16), the
+/// broker sends nothing and closes the connection instead of leaving the client waiting; the
+/// session it would have had is not left behind.
+#[tokio::test]
+async fn v5_connack_that_cannot_fit_closes_the_connection() {
+    let b = TestBroker::start().await;
+    let mut connect = v5_connect("tiny", true);
+    connect.properties.maximum_packet_size = Some(10);
+    let mut c = b.raw().await;
+    c.version = ProtocolVersion::V5;
+    c.send_packet(&Packet::Connect(Box::new(connect))).await;
+    assert_eq!(read_to_close(&mut c).await, b"");
+    eventually("no session left for tiny", || {
+        !b.broker.registry.contains("tiny")
+    })
+    .await;
+    b.stop().await;
+}
+
+/// [MQTT-3.14.2-3, MQTT-3.1.2-24]: a server DISCONNECT leaves out its Reason String when the
+/// client's Maximum Packet Size has no room for it (topic alias 0 -> 0x94).
+#[tokio::test]
+async fn v5_disconnect_drops_its_reason_string_to_fit() {
+    let b = TestBroker::start().await;
+    let mut connect = v5_connect("small-dc", true);
+    connect.properties.maximum_packet_size = Some(20);
+    let (mut c, ack) = b.connect_v5(connect).await;
+    assert_eq!(ack.reason, ReasonCode::SUCCESS);
+    // Topic "t", properties: Topic Alias 0; payload "x".
+    c.send(&frame(
+        0x30,
+        &[0x00, 0x01, b't', 0x03, 0x23, 0x00, 0x00, b'x'],
+    ))
+    .await;
+    assert_eq!(read_to_close(&mut c).await, [0xe0, 0x02, 0x94, 0x00]);
+    b.stop().await;
+}
+
+/// [MQTT-3.1.2-25]: a PUBLISH larger than the client's maximum is not sent (and counted);
+/// what comes after it still is.
+#[tokio::test]
+async fn v5_publish_above_the_clients_maximum_is_dropped_and_counted() {
+    let b = TestBroker::start().await;
+    let mut connect = v5_connect("small-pub", true);
+    connect.properties.maximum_packet_size = Some(20);
+    let (mut c, _) = b.connect_v5(connect).await;
+    c.sub_v5(1, "s/p", QoS::AtMostOnce).await;
+    let mut p = b.v5_client(v5_connect("small-pub-src", true), false).await;
+    p.send_packet(&Packet::Publish(v5_publish(
+        "s/p",
+        QoS::AtMostOnce,
+        0,
+        &[b'x'; 32],
+    )))
+    .await;
+    p.send_packet(&Packet::Publish(v5_publish(
+        "s/p",
+        QoS::AtMostOnce,
+        0,
+        b"ok",
+    )))
+    .await;
+    let got: Publish = c.recv_publish().await;
+    assert_eq!(&got.payload[..], b"ok");
+    assert_eq!(Stats::get(&b.broker.stats.dropped_too_large), 1);
+    c.expect_silence(QUIET).await;
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. UTF-8 strings
+// ---------------------------------------------------------------------------------------------
+
+/// Strings no MQTT UTF-8 field may carry: U+0000 [MQTT-1.5.3-2, MQTT-1.5.4-2], encoded
+/// surrogates U+D800 and U+DFFF, a lead byte without its continuation and an over-long form
+/// (ill-formed UTF-8) [MQTT-1.5.3-1, MQTT-1.5.4-1].
+const BAD_STRINGS: [(&str, &[u8]); 5] = [
+    ("U+0000", b"a\x00b"),
+    ("U+D800", b"a/\xed\xa0\x80"),
+    ("U+DFFF", b"\xed\xbf\xbf"),
+    ("truncated sequence", b"a\xc3(b"),
+    ("over-long '/'", b"a\xc0\xafb"),
+];
+
+/// A control string every field accepts, to show the frames themselves are right.
+const GOOD_STRING: &[u8] = "ok/é".as_bytes();
+
+fn protocol_errors(b: &TestBroker) -> u64 {
+    Stats::get(&b.broker.stats.protocol_errors)
+}
+
+/// A UTF-8 Encoded String field: two-byte length, then the bytes as given.
+fn string(bytes: &[u8]) -> Vec<u8> {
+    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// A v5 User Property (identifier 0x26 and the string pair).
+fn user_property(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x26];
+    out.extend(string(key));
+    out.extend(string(value));
+    out
+}
+
+/// A v5 property block: its length (below 128 here) and the properties.
+fn props(p: &[u8]) -> Vec<u8> {
+    assert!(p.len() < 0x80);
+    let mut out = vec![p.len() as u8];
+    out.extend_from_slice(p);
+    out
+}
+
+/// The strings and properties of a CONNECT, as raw bytes.
+struct RawConnect<'a> {
+    client_id: &'a [u8],
+    /// v5 only.
+    properties: Vec<u8>,
+    /// (topic, v5 will properties); payload "w".
+    will: Option<(&'a [u8], Vec<u8>)>,
+    username: Option<&'a [u8]>,
+}
+
+impl<'a> RawConnect<'a> {
+    fn new(client_id: &'a [u8]) -> RawConnect<'a> {
+        RawConnect {
+            client_id,
+            properties: Vec::new(),
+            will: None,
+            username: None,
+        }
+    }
+
+    /// The CONNECT frame for protocol level 4 (3.1.1) or 5, Clean Session / Start 1.
+    fn frame(&self, level: u8) -> Vec<u8> {
+        let v5 = level == 5;
+        let mut flags = 0x02;
+        if self.will.is_some() {
+            flags |= 0x04;
+        }
+        if self.username.is_some() {
+            flags |= 0x80;
+        }
+        let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, flags, 0x00, 0x3c];
+        if v5 {
+            body.extend(props(&self.properties));
+        }
+        body.extend(string(self.client_id));
+        if let Some((topic, will_props)) = &self.will {
+            if v5 {
+                body.extend(props(will_props));
+            }
+            body.extend(string(topic));
+            body.extend(string(b"w"));
+        }
+        if let Some(u) = self.username {
+            body.extend(string(u));
+        }
+        frame(0x10, &body)
+    }
+}
+
+/// SUBSCRIBE (packet id 1, QoS 0), UNSUBSCRIBE (packet id 2) and QoS 0 PUBLISH frames for
+/// `s` as the filter or topic; v5 ones carry `properties`.
+fn packets_with_string(v5: bool, s: &[u8], properties: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    let mut sub = vec![0x00, 0x01];
+    let mut unsub = vec![0x00, 0x02];
+    let mut publ = string(s);
+    if v5 {
+        sub.extend(props(properties));
+        unsub.extend(props(properties));
+        publ.extend(props(properties));
+    }
+    sub.extend(string(s));
+    sub.push(0x00);
+    unsub.extend(string(s));
+    publ.extend_from_slice(b"payload");
+    vec![
+        ("SUBSCRIBE", frame(0x82, &sub)),
+        ("UNSUBSCRIBE", frame(0xa2, &unsub)),
+        ("PUBLISH", frame(0x30, &publ)),
+    ]
+}
+
+/// The reply a valid string gets, per packet name: SUBACK granting QoS 0, UNSUBACK, and for
+/// the QoS 0 PUBLISH nothing (checked with a PINGREQ behind it).
+async fn expect_accepted(c: &mut Raw, v5: bool, what: &str) {
+    match (what, v5) {
+        ("SUBSCRIBE", false) => c.expect_bytes(&[0x90, 0x03, 0x00, 0x01, 0x00]).await,
+        ("SUBSCRIBE", true) => c.expect_bytes(&[0x90, 0x04, 0x00, 0x01, 0x00, 0x00]).await,
+        ("UNSUBSCRIBE", false) => c.expect_bytes(&[0xb0, 0x02, 0x00, 0x02]).await,
+        // v5: No Subscription Existed (0x11) for a filter never subscribed.
+        ("UNSUBSCRIBE", true) => c.expect_bytes(&[0xb0, 0x04, 0x00, 0x02, 0x00, 0x11]).await,
+        _ => {
+            c.send(&[0xc0, 0x00]).await;
+            c.expect_bytes(&[0xd0, 0x00]).await;
+        }
+    }
+}
+
+/// A 3.1.1 connection with Clean Session 1 whose CONNACK has been read.
+async fn v311_client(b: &TestBroker, id: &str) -> Raw {
+    let mut c = b.raw().await;
+    c.send(&connect_v311(id, true, 60)).await;
+    c.expect_bytes(&[0x20, 0x02, 0x00, 0x00]).await;
+    c
+}
+
+/// [MQTT-1.5.3-1, MQTT-1.5.3-2]: ill-formed UTF-8, surrogates or U+0000 in a 3.1.1 topic
+/// filter (SUBSCRIBE, UNSUBSCRIBE) or topic name (PUBLISH) close the connection with nothing
+/// sent back, and nothing is delivered.
+#[tokio::test]
+async fn v311_bad_utf8_in_filters_and_topics_closes_the_connection_mqtt_1_5_3_1_and_1_5_3_2() {
+    let b = TestBroker::start().await;
+    let mut watcher = v311_client(&b, "utf8-watch").await;
+    watcher.send(&subscribe(1, "#", 0)).await;
+    watcher.expect_bytes(&[0x90, 0x03, 0x00, 0x01, 0x00]).await;
+
+    for (what, bytes) in packets_with_string(false, GOOD_STRING, &[]) {
+        let mut c = v311_client(&b, "utf8-good").await;
+        c.send(&bytes).await;
+        expect_accepted(&mut c, false, what).await;
+    }
+    let _ = watcher.recv_packet().await; // the control PUBLISH
+
+    for (name, bad) in BAD_STRINGS {
+        for (what, bytes) in packets_with_string(false, bad, &[]) {
+            let before = protocol_errors(&b);
+            let mut c = v311_client(&b, "utf8-bad").await;
+            c.send(&bytes).await;
+            assert_eq!(read_to_close(&mut c).await, b"", "{what} with {name}");
+            assert_eq!(protocol_errors(&b), before + 1, "{what} with {name}");
+        }
+    }
+    watcher.expect_silence(QUIET).await;
+    b.stop().await;
+}
+
+/// [MQTT-1.5.3-1, MQTT-1.5.3-2]: the same in a 3.1.1 CONNECT's Client ID, Will Topic or User
+/// Name: the connection is closed without a CONNACK and no session is created.
+#[tokio::test]
+async fn v311_bad_utf8_in_connect_closes_without_connack_mqtt_1_5_3_1_and_1_5_3_2() {
+    let b = TestBroker::start().await;
+    let fields = |s: &'static [u8]| {
+        vec![
+            ("client id", RawConnect::new(s)),
+            (
+                "will topic",
+                RawConnect {
+                    will: Some((s, Vec::new())),
+                    ..RawConnect::new(b"utf8-will")
+                },
+            ),
+            (
+                "user name",
+                RawConnect {
+                    username: Some(s),
+                    ..RawConnect::new(b"utf8-user")
+                },
+            ),
+        ]
+    };
+    for (what, connect) in fields(GOOD_STRING) {
+        let mut c = b.raw().await;
+        c.send(&connect.frame(4)).await;
+        c.expect_bytes(&[0x20, 0x02, 0x00, 0x00]).await;
+        c.send(&[0xe0, 0x00]).await;
+        assert_eq!(read_to_close(&mut c).await, b"", "control {what}");
+    }
+    b.wait_registry_empty().await;
+    for (name, bad) in BAD_STRINGS {
+        for (what, connect) in fields(bad) {
+            let mut c = b.raw().await;
+            c.send(&connect.frame(4)).await;
+            assert_eq!(read_to_close(&mut c).await, b"", "{what} with {name}");
+        }
+    }
+    assert!(b.broker.registry.is_empty());
+    b.stop().await;
+}
+
+/// [MQTT-1.5.4-1, MQTT-1.5.4-2]: in v5, ill-formed UTF-8, surrogates or U+0000 in a topic
+/// filter, topic name, or a User Property of SUBSCRIBE, UNSUBSCRIBE or PUBLISH (key or value)
+/// make a Malformed Packet: DISCONNECT 0x81, then the close. Nothing is delivered.
+#[tokio::test]
+async fn v5_bad_utf8_after_connect_is_disconnect_0x81_mqtt_1_5_4_1_and_1_5_4_2() {
+    let b = TestBroker::start().await;
+    let mut watcher = b.v5_client(v5_connect("utf8-watch5", true), false).await;
+    watcher.sub_v5(1, "#", QoS::AtMostOnce).await;
+
+    let good_user = user_property(b"k", GOOD_STRING);
+    for (what, bytes) in packets_with_string(true, GOOD_STRING, &good_user) {
+        let mut c = b.v5_client(v5_connect("utf8-good5", true), false).await;
+        c.send(&bytes).await;
+        expect_accepted(&mut c, true, what).await;
+    }
+    let _ = watcher.recv_publish().await; // the control PUBLISH
+
+    for (name, bad) in BAD_STRINGS {
+        let cases = [
+            ("string", packets_with_string(true, bad, &[])),
+            (
+                "user property key",
+                packets_with_string(true, b"u/t", &user_property(bad, b"v")),
+            ),
+            (
+                "user property value",
+                packets_with_string(true, b"u/t", &user_property(b"k", bad)),
+            ),
+        ];
+        for (field, packets) in cases {
+            for (what, bytes) in packets {
+                let mut c = b.v5_client(v5_connect("utf8-bad5", true), false).await;
+                c.send(&bytes).await;
+                let d = c.expect_disconnect().await;
+                assert_eq!(
+                    d.reason,
+                    ReasonCode::MALFORMED_PACKET,
+                    "{what} {field} with {name}: {d:?}"
+                );
+            }
+        }
+    }
+    watcher.expect_silence(QUIET).await;
+    b.stop().await;
+}
+
+/// [MQTT-1.5.4-1, MQTT-1.5.4-2, MQTT-3.1.4-1]: in a v5 CONNECT (Client ID, Will Topic, User
+/// Name, a User Property of CONNECT or of the will) they get CONNACK 0x81 Malformed Packet,
+/// then the close; no session is created.
+#[tokio::test]
+async fn v5_bad_utf8_in_connect_is_connack_0x81_mqtt_1_5_4_1_and_1_5_4_2() {
+    let b = TestBroker::start().await;
+    let fields = |s: &'static [u8]| {
+        vec![
+            ("client id", RawConnect::new(s)),
+            (
+                "will topic",
+                RawConnect {
+                    will: Some((s, Vec::new())),
+                    ..RawConnect::new(b"utf8-will5")
+                },
+            ),
+            (
+                "user name",
+                RawConnect {
+                    username: Some(s),
+                    ..RawConnect::new(b"utf8-user5")
+                },
+            ),
+            (
+                "CONNECT user property",
+                RawConnect {
+                    properties: user_property(b"k", s),
+                    ..RawConnect::new(b"utf8-prop5")
+                },
+            ),
+            (
+                "will user property",
+                RawConnect {
+                    will: Some((b"will/t", user_property(s, b"v"))),
+                    ..RawConnect::new(b"utf8-wprop5")
+                },
+            ),
+        ]
+    };
+    for (what, connect) in fields(GOOD_STRING) {
+        let mut c = b.raw().await;
+        c.version = ProtocolVersion::V5;
+        c.send(&connect.frame(5)).await;
+        assert_eq!(c.recv_connack().await.reason, ReasonCode::SUCCESS, "{what}");
+        c.send(&[0xe0, 0x00]).await;
+        c.expect_closed().await;
+    }
+    b.wait_registry_empty().await;
+    for (name, bad) in BAD_STRINGS {
+        for (what, connect) in fields(bad) {
+            let mut c = b.raw().await;
+            c.send(&connect.frame(5)).await;
+            assert_eq!(
+                read_to_close(&mut c).await,
+                [0x20, 0x03, 0x00, 0x81, 0x00],
+                "{what} with {name}"
+            );
+        }
+    }
+    assert!(b.broker.registry.is_empty());
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Takeover of a session that ends with its connection
+// ---------------------------------------------------------------------------------------------
+
+/// [MQTT-3.1.2-6, MQTT-3.1.4-3, MQTT-3.1.2-8]: A connected with Clean Session = 1, so its
+/// session lasts only as long as its connection. B taking over with Clean Session = 0 closes
+/// A (its will is published: a takeover is no DISCONNECT) and gets a new, empty session:
+/// Session Present 0, and A's subscription does not deliver to B.
+#[tokio::test]
+async fn v311_takeover_of_a_clean_session_does_not_resume_it_mqtt_3_1_2_6() {
+    let b = TestBroker::start().await;
+    let mut w = v311_client(&b, "tko-watch").await;
+    w.send(&subscribe(1, "tko/will", 0)).await;
+    w.expect_bytes(&[0x90, 0x03, 0x00, 0x01, 0x00]).await;
+
+    let mut a = b.raw().await;
+    a.send(&connect_v311_will(
+        "tko", true, "tko/will", b"a-gone", 0, false,
+    ))
+    .await;
+    a.expect_bytes(&[0x20, 0x02, 0x00, 0x00]).await;
+    a.send(&subscribe(1, "tko/t", 1)).await;
+    a.expect_bytes(&[0x90, 0x03, 0x00, 0x01, 0x01]).await;
+
+    let mut bc = b.raw().await;
+    bc.send(&connect_v311("tko", false, 60)).await;
+    bc.expect_bytes(&[0x20, 0x02, 0x00, 0x00]).await;
+    assert_eq!(read_to_close(&mut a).await, b"");
+    w.expect_bytes(&publish("tko/will", 0, 0, false, false, b"a-gone"))
+        .await;
+
+    let mut p = v311_client(&b, "tko-pub").await;
+    p.send(&publish("tko/t", 1, 1, false, false, b"for-a"))
+        .await;
+    p.expect_bytes(&ack(0x40, 1)).await;
+    bc.expect_silence(QUIET).await;
+
+    // B's session is its own and persistent: resumed by B's next connection, still empty.
+    bc.send(&[0xe0, 0x00]).await;
+    assert_eq!(read_to_close(&mut bc).await, b"");
+    let mut again = b.raw().await;
+    again.send(&connect_v311("tko", false, 60)).await;
+    again.expect_bytes(&[0x20, 0x02, 0x01, 0x00]).await;
+    p.send(&publish("tko/t", 1, 2, false, false, b"still-not"))
+        .await;
+    p.expect_bytes(&ack(0x40, 2)).await;
+    again.expect_silence(QUIET).await;
+    b.stop().await;
+}
+
+/// Section 3.1.2.11.2 (Session Expiry Interval 0: the session ends when the network connection
+/// closes), [MQTT-3.1.4-3]: A with Session Expiry 0 is taken over by B with Clean Start 0 and
+/// Session Expiry 60. A gets DISCONNECT 0x8E and its will is published (A's session ends, so
+/// no delay applies); B gets Session Present 0 and none of A's subscriptions.
+#[tokio::test]
+async fn v5_takeover_of_a_session_with_expiry_0_does_not_resume_it() {
+    let b = TestBroker::start().await;
+    let mut w = b.v5_client(v5_connect("tko5-watch", true), false).await;
+    w.sub_v5(1, "tko5/will", QoS::AtMostOnce).await;
+
+    let mut connect = v5_connect_expiry("tko5", true, Some(0));
+    connect.will = Some(v5_will("tko5/will", b"a-gone", 0));
+    let mut a = b.v5_client(connect, false).await;
+    a.sub_v5(1, "tko5/t", QoS::AtLeastOnce).await;
+
+    let mut bc = b
+        .v5_client(v5_connect_expiry("tko5", false, Some(60)), false)
+        .await;
+    assert_eq!(
+        a.expect_disconnect().await.reason,
+        ReasonCode::SESSION_TAKEN_OVER
+    );
+    let will = w.recv_publish().await;
+    assert_eq!(
+        (will.topic.as_str(), &will.payload[..]),
+        ("tko5/will", &b"a-gone"[..])
+    );
+
+    let mut p = b.v5_client(v5_connect("tko5-pub", true), false).await;
+    p.pub1_v5(v5_publish("tko5/t", QoS::AtLeastOnce, 1, b"for-a"))
+        .await;
+    bc.expect_silence(QUIET).await;
+
+    // The same with a will delay: A's session ends with the takeover, so its will goes at once
+    // (section 3.1.3.2.2: at the delay or the end of the session, whichever is first).
+    let mut connect = v5_connect("tko5d", true);
+    connect.will = Some(v5_will("tko5/will", b"a-delayed", 30));
+    let mut a = b.v5_client(connect, false).await;
+    let _bc = b
+        .v5_client(v5_connect_expiry("tko5d", false, Some(60)), false)
+        .await;
+    assert_eq!(
+        a.expect_disconnect().await.reason,
+        ReasonCode::SESSION_TAKEN_OVER
+    );
+    assert_eq!(&w.recv_publish().await.payload[..], b"a-delayed");
+    b.stop().await;
+}
+
+/// The takeover rules across versions: a 3.1.1 Clean Session = 1 connection taken over by a
+/// v5 Clean Start 0 client, and a v5 Session Expiry 0 one by a 3.1.1 Clean Session 0 client,
+/// both start new sessions (Session Present 0).
+#[tokio::test]
+async fn cross_version_takeover_of_a_connection_bound_session_does_not_resume_it() {
+    let b = TestBroker::start().await;
+    let mut a = v311_client(&b, "tkx").await;
+    a.send(&subscribe(1, "tkx/t", 0)).await;
+    a.expect_bytes(&[0x90, 0x03, 0x00, 0x01, 0x00]).await;
+    let mut bc = b
+        .v5_client(v5_connect_expiry("tkx", false, Some(60)), false)
+        .await;
+    assert_eq!(read_to_close(&mut a).await, b"");
+    let mut p = v311_client(&b, "tkx-pub").await;
+    p.send(&publish("tkx/t", 0, 0, false, false, b"x")).await;
+    bc.expect_silence(QUIET).await;
+
+    let mut a = b.v5_client(v5_connect("tkx5", true), false).await;
+    a.sub_v5(1, "tkx5/t", QoS::AtMostOnce).await;
+    let mut bc = b.raw().await;
+    bc.send(&connect_v311("tkx5", false, 60)).await;
+    bc.expect_bytes(&[0x20, 0x02, 0x00, 0x00]).await;
+    assert_eq!(
+        a.expect_disconnect().await.reason,
+        ReasonCode::SESSION_TAKEN_OVER
+    );
+    p.send(&publish("tkx5/t", 0, 0, false, false, b"x")).await;
+    bc.expect_silence(QUIET).await;
+    b.stop().await;
+}
