@@ -379,3 +379,109 @@ fn sigterm_disconnects_v5_clients_with_0x8b_and_exits_0() {
     );
     assert_eq!(st.code(), Some(0), "mosquitto_sub exit\n{}", sub.dump());
 }
+
+#[path = "common/pki.rs"]
+mod pki;
+
+/// A subscriber with `extra` (TLS or credential flags) gets one message that a publisher with
+/// the same flags sends, on `port`.
+fn round_trip_with(port: u16, extra: &[&str], topic: &str) {
+    let mut args: Vec<&str> = extra.to_vec();
+    args.extend(["-q", "1", "-t", topic, "-d", "-v"]);
+    let sub = sub_spawn(port, &args);
+    assert_eq!(wait_subscribed(&sub), "1", "granted QoS\n{}", sub.dump());
+    let mut pub_args: Vec<&str> = extra.to_vec();
+    pub_args.extend(["-q", "1", "-t", topic, "-m", "secured"]);
+    pub_ok(port, &pub_args);
+    let want = format!("{topic} secured");
+    sub.wait_line(Stream::Stdout, "the message", WAIT, |l| l == want);
+    stop_cleanly(sub);
+}
+
+/// The real Mosquitto clients against TLS, mutual-TLS and password listeners of one broker:
+/// `--cafile`, `--cert/--key`, `-u/-P`. Certificates come from a CA made in the test; the
+/// password file from `tether passwd`.
+#[test]
+fn mosquitto_clients_over_tls_mtls_and_passwords() {
+    let ca = pki::Pki::new("mosq-tls");
+    let server = ca.server();
+    let device = ca.client("device-1");
+    let dir = Dir::new("mosq-auth");
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let passwd = dir.0.join("passwd");
+    let st = std::process::Command::new(TETHER)
+        .args(["passwd", "-I", "1000"])
+        .arg(&passwd)
+        .args(["alice", "s3cret"])
+        .status()
+        .expect("tether passwd");
+    assert!(st.success());
+    let (tls_port, mtls_port, pw_port) = (free_port(), free_port(), free_port());
+    let config = dir.0.join("tether.toml");
+    let (cert, key, cafile) = (
+        server.cert.display().to_string(),
+        server.key.display().to_string(),
+        ca.ca.display().to_string(),
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "[listener]\n\
+             bind = \"127.0.0.1:{tls_port}\"\n\
+             tls = {{ cert = \"{cert}\", key = \"{key}\" }}\n\
+             [[listeners]]\n\
+             bind = \"127.0.0.1:{mtls_port}\"\n\
+             tls = {{ cert = \"{cert}\", key = \"{key}\", client_ca = \"{cafile}\", require_client_cert = true }}\n\
+             [[listeners]]\n\
+             bind = \"127.0.0.1:{pw_port}\"\n\
+             allow_anonymous = false\n\
+             [auth]\n\
+             password_file = \"{}\"\n",
+            passwd.display()
+        ),
+    )
+    .expect("config");
+    let broker = Broker::start_config(&config, tls_port);
+
+    // TLS with the CA file; the broker's certificate names 127.0.0.1.
+    round_trip_with(broker.port, &["--cafile", &cafile], "tls/t");
+    // Mutual TLS: with a client certificate it works; without, the connection fails.
+    let (dcert, dkey) = (
+        device.cert.display().to_string(),
+        device.key.display().to_string(),
+    );
+    round_trip_with(
+        mtls_port,
+        &["--cafile", &cafile, "--cert", &dcert, "--key", &dkey],
+        "mtls/t",
+    );
+    let f = run(
+        "mosquitto_pub",
+        mosquitto(
+            "mosquitto_pub",
+            mtls_port,
+            &["--cafile", &cafile, "-t", "x", "-m", "x", "-q", "1"],
+        ),
+        WAIT,
+    );
+    assert!(!f.status.success(), "mTLS without a certificate succeeded");
+    // Username and password; a wrong password is refused (exit code non-zero, "not
+    // authorised" / "bad username or password").
+    round_trip_with(pw_port, &["-u", "alice", "-P", "s3cret"], "pw/t");
+    let f = run(
+        "mosquitto_pub",
+        mosquitto(
+            "mosquitto_pub",
+            pw_port,
+            &["-u", "alice", "-P", "wrong", "-t", "x", "-m", "x"],
+        ),
+        WAIT,
+    );
+    assert!(!f.status.success(), "wrong password accepted");
+    let f = run(
+        "mosquitto_pub",
+        mosquitto("mosquitto_pub", pw_port, &["-t", "x", "-m", "x"]),
+        WAIT,
+    );
+    assert!(!f.status.success(), "anonymous accepted where not allowed");
+}

@@ -450,6 +450,25 @@ impl Broker {
         panic!("tether could not bind a free port in 3 attempts");
     }
 
+    /// Start with `-c config` alone (its listeners as written, `[listener]` on `port`),
+    /// for tests that need several listeners; waits until `port` accepts.
+    pub fn start_config(config: &std::path::Path, port: u16) -> Broker {
+        let data = temp_dir("data");
+        let mut cmd = Command::new(TETHER);
+        cmd.arg("-c").arg(config).arg("-d").arg(&data);
+        let mut proc = Proc::spawn("tether", cmd);
+        assert!(
+            wait_listening(&mut proc, port),
+            "tether exited during startup\n{}",
+            proc.dump()
+        );
+        Broker {
+            port,
+            proc,
+            own_data_dir: Some(data),
+        }
+    }
+
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
