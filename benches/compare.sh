@@ -9,7 +9,8 @@
 #
 # Environment: REPEAT (3), DURATION (seconds of publishing per throughput run, 2),
 # CLIENTS (idle connections, 10000), SESSIONS (1000), PER_SESSION (10), ONLY (groups among
-# fan-in pairs fan-out slow-consumer latency cpu connections sessions), OUT (raw RESULT lines,
+# fan-in pairs fan-out slow-consumer latency cpu connections sessions tls-fan-in tls-connections
+# acl), OUT (raw RESULT lines,
 # target/compare/results.txt), TETHER (binary, target/release/tether). Needs /usr/sbin/mosquitto (Mosquitto 2.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ DURATION=${DURATION:-2}
 CLIENTS=${CLIENTS:-10000}
 SESSIONS=${SESSIONS:-1000}
 PER_SESSION=${PER_SESSION:-10}
-ONLY=${ONLY:-"fan-in pairs fan-out slow-consumer latency cpu connections sessions"}
+ONLY=${ONLY:-"fan-in pairs fan-out slow-consumer latency cpu connections sessions tls-fan-in tls-connections acl"}
 OUT=${OUT:-target/compare/results.txt}
 MOSQUITTO=${MOSQUITTO:-/usr/sbin/mosquitto}
 # The tether binary to measure (another build can be compared with the same load generator).
@@ -42,15 +43,52 @@ mkdir -p "$(dirname "$OUT")"
 : >"$OUT"
 LOGDIR=$(dirname "$OUT")
 
+# TLS groups: one ECDSA P-256 certificate for both brokers (made here with openssl), tether
+# with a [listener] tls table, Mosquitto with the same listener plus certfile/keyfile, and the
+# load generator trusting the CA. The acl group compares tether with an ACL of 1,000 rules
+# against tether without one.
+TETHER_ARGS=()
+MOSQ_CONF=benches/mosquitto.conf
+LOAD_EXTRA=()
+BROKERS="tether mosquitto"
+TLS=$LOGDIR/tls
+make_tls() {
+  [ -f "$TLS/server.pem" ] && return 0
+  mkdir -p "$TLS"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=compare CA" -keyout "$TLS/ca.key" -out "$TLS/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=localhost" \
+    -keyout "$TLS/server.key" -out "$TLS/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$TLS/ext"
+  openssl x509 -req -in "$TLS/server.csr" -CA "$TLS/ca.pem" -CAkey "$TLS/ca.key" \
+    -CAcreateserial -days 2 -extfile "$TLS/ext" -out "$TLS/server.pem" 2>/dev/null
+  # rustls wants PKCS#8 or SEC1; Mosquitto reads either.
+  printf '[listener]\ntls = { cert = "%s", key = "%s" }\n' "$TLS/server.pem" "$TLS/server.key" >"$TLS/tether.toml"
+  { cat benches/mosquitto.conf
+    printf 'certfile %s\nkeyfile %s\n' "$TLS/server.pem" "$TLS/server.key"; } >"$TLS/mosquitto.conf"
+}
+make_acl() { # 1,000 rules: anonymous ones (the load clients), 990 users of one rule, patterns
+  local f=$LOGDIR/acl
+  {
+    echo "topic readwrite load/#"
+    echo "topic deny load/forbidden/#"
+    for i in $(seq 990); do printf 'user device-%d\ntopic readwrite fleet/device-%d/#\n' "$i" "$i"; done
+    for i in $(seq 8); do printf 'pattern readwrite tenants/%d/%%u/#\n' "$i"; done
+  } >"$f"
+  printf '[auth]\nacl_file = "%s"\n' "$f" >"$LOGDIR/tether-acl.toml"
+}
+
 BROKER_PID=
-start_broker() { # tether | mosquitto
-  if [ "$1" = tether ]; then
+start_broker() { # tether | tetheracl | mosquitto
+  if [ "$1" = tether ] || [ "$1" = tetheracl ]; then
+    local args=("${TETHER_ARGS[@]}")
+    [ "$1" = tetheracl ] && args=(-c "$LOGDIR/tether-acl.toml")
     # Log level warn: Mosquitto is configured to log only warnings and errors too.
-    TETHER_LOG__LEVEL=warn "$TETHER" -b "$TETHER_ADDR" >>"$LOGDIR/tether.log" 2>&1 &
+    TETHER_LOG__LEVEL=warn "$TETHER" "${args[@]}" -b "$TETHER_ADDR" >>"$LOGDIR/tether.log" 2>&1 &
     BROKER_PID=$!
     PORT=${TETHER_ADDR##*:}
   else
-    "$MOSQUITTO" -c benches/mosquitto.conf >>"$LOGDIR/mosquitto.log" 2>&1 &
+    "$MOSQUITTO" -c "$MOSQ_CONF" >>"$LOGDIR/mosquitto.log" 2>&1 &
     BROKER_PID=$!
     PORT=${MOSQ_ADDR##*:}
   fi
@@ -82,14 +120,14 @@ value() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$2"; }
 run() {
   local name=$1 key=$2
   shift 2
-  for b in tether mosquitto; do
+  for b in $BROKERS; do
     local addr=$TETHER_ADDR
     [ $b = mosquitto ] && addr=$MOSQ_ADDR
     local lines=()
     for _ in $(seq "$REPEAT"); do
       start_broker $b
       local line
-      line=$("$LOAD" --bench "$@" --addr "$addr" --pid "$BROKER_PID" --label "$b" 2>>"$LOGDIR/load-stderr.log" | grep '^RESULT' || true)
+      line=$("$LOAD" --bench "$@" "${LOAD_EXTRA[@]}" --addr "$addr" --pid "$BROKER_PID" --label "$b" 2>>"$LOGDIR/load-stderr.log" | grep '^RESULT' || true)
       stop_broker
       [ -n "$line" ] || line="RESULT label=$b failed=1"
       echo "$name $line" >>"$OUT"
@@ -168,7 +206,43 @@ for group in $ONLY; do
       "$(inv_ratio "$(value secs "$RES_tether")" "$(value secs "$RES_mosquitto")")" \
       ">=1" "$(acc "$RES_tether")" "$(acc "$RES_mosquitto")"
     ;;
+  tls-fan-in | tls-connections)
+    make_tls
+    TETHER_ARGS=(-c "$TLS/tether.toml") MOSQ_CONF=$TLS/mosquitto.conf LOAD_EXTRA=(--tls-ca "$TLS/ca.pem")
+    if [ $group = tls-fan-in ]; then
+      for proto in 3 5; do
+        run tls-fan-in msgs_per_s fan-in --publishers 8 --proto $proto --qos 1 --duration "$DURATION"
+        printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' "tls-fan-in v$proto q1 msg/s" \
+          "$(value msgs_per_s "$RES_tether")" "$(value msgs_per_s "$RES_mosquitto")" \
+          "$(ratio "$(value msgs_per_s "$RES_tether")" "$(value msgs_per_s "$RES_mosquitto")")" \
+          ">=3" "$(acc "$RES_tether")" "$(acc "$RES_mosquitto")"
+      done
+    else
+      # Connection rate: TLS handshake, CONNECT, SUBSCRIBE for each of TLS_CLIENTS clients.
+      run tls-connections secs connections --clients "${TLS_CLIENTS:-2000}" --qos 1
+      for b in tether mosquitto; do
+        r=RES_$b
+        printf -v "RATE_$b" '%s' "$(awk -v n="$(value connected "${!r}")" -v s="$(value secs "${!r}")" 'BEGIN { if (s > 0) printf "%.0f", n / s }')"
+      done
+      printf '%-26s %12s %12s %7s %6s\n' "tls-connections conn/s" "$RATE_tether" "$RATE_mosquitto" \
+        "$(ratio "$RATE_tether" "$RATE_mosquitto")" ">=1"
+    fi
+    TETHER_ARGS=() MOSQ_CONF=benches/mosquitto.conf LOAD_EXTRA=()
+    ;;
+  acl)
+    make_acl
+    BROKERS="tetheracl tether"
+    for proto in 3 5; do
+      run acl msgs_per_s fan-in --publishers 8 --proto $proto --qos 1 --duration "$DURATION"
+      printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' "acl-1000 v$proto q1 msg/s" \
+        "$(value msgs_per_s "$RES_tetheracl")" "$(value msgs_per_s "$RES_tether")" \
+        "$(ratio "$(value msgs_per_s "$RES_tetheracl")" "$(value msgs_per_s "$RES_tether")")" \
+        ">=0.9" "$(acc "$RES_tetheracl")" "$(acc "$RES_tether")"
+    done
+    BROKERS="tether mosquitto"
+    ;;
   *) echo "compare: unknown group $group" >&2 ;;
   esac
 done
+echo "(acl rows: tether with a 1,000-rule ACL / tether without one)"
 echo "(ratios: tether / Mosquitto for msg/s, RSS and CPU efficiency; Mosquitto / tether for latency and times, so >= 1 means tether is at least as good; raw lines in $OUT)"

@@ -27,9 +27,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
 use clap::{Parser, ValueEnum};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
 
 // ---------------------------------------------------------------------------------------------
 // Command line
@@ -103,6 +105,10 @@ struct Opts {
     /// Worker threads of the generator's runtime.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Connect over TLS, trusting the CA certificate(s) in this PEM file; the broker's
+    /// certificate must name `localhost`.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Opts {
@@ -306,7 +312,7 @@ fn ack_id(body: &[u8]) -> u16 {
 }
 
 /// Read until one whole frame is buffered; returns (first byte, body).
-async fn read_frame(s: &mut TcpStream, buf: &mut BytesMut) -> Result<(u8, BytesMut), String> {
+async fn read_frame(s: &mut Link, buf: &mut BytesMut) -> Result<(u8, BytesMut), String> {
     loop {
         if let Some((first, hl, len)) = frame(buf) {
             buf.advance(hl);
@@ -328,11 +334,22 @@ async fn connect(
     client_id: &str,
     clean: bool,
     expiry: u32,
-) -> Result<(TcpStream, BytesMut, bool), String> {
-    let mut s = TcpStream::connect(addr)
+) -> Result<(Link, BytesMut, bool), String> {
+    let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut s = match TLS.get().and_then(Option::as_ref) {
+        None => Link::Tcp(tcp),
+        Some(tls) => {
+            let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+            Link::Tls(Box::new(
+                tls.connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS handshake with {addr}: {e}"))?,
+            ))
+        }
+    };
     let mut out = BytesMut::new();
     encode_connect(&mut out, v5, client_id, clean, expiry, 0);
     s.write_all(&out).await.map_err(|e| e.to_string())?;
@@ -350,7 +367,7 @@ async fn connect(
 /// Subscribe and wait for a successful SUBACK (PUBLISHes arriving first are an error: the
 /// scenarios subscribe before anything is published).
 async fn subscribe(
-    s: &mut TcpStream,
+    s: &mut Link,
     buf: &mut BytesMut,
     v5: bool,
     filter: &str,
@@ -370,9 +387,103 @@ async fn subscribe(
     Ok(())
 }
 
-async fn disconnect(mut s: TcpStream) {
+async fn disconnect(mut s: Link) {
     let _ = s.write_all(&[0xE0, 0]).await;
     let _ = s.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transport: plain TCP, or TLS when `--tls-ca` is given (same certificate for every broker).
+
+/// The TLS client every connection uses, set once from `--tls-ca`; `None` = plain TCP.
+static TLS: OnceLock<Option<TlsConnector>> = OnceLock::new();
+
+fn tls_connector(ca: &std::path::Path) -> Result<TlsConnector, String> {
+    use tokio_rustls::rustls::crypto::ring::default_provider;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let config = ClientConfig::builder_with_provider(Arc::new(default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// One client connection.
+enum Link {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+type ReadSide<'a> = Box<dyn AsyncRead + Unpin + Send + 'a>;
+type WriteSide<'a> = Box<dyn AsyncWrite + Unpin + Send + 'a>;
+
+impl Link {
+    /// Read and write halves used at the same time: free for TCP, a lock for TLS.
+    fn split(&mut self) -> (ReadSide<'_>, WriteSide<'_>) {
+        match self {
+            Link::Tcp(s) => {
+                let (r, w) = s.split();
+                (Box::new(r), Box::new(w))
+            }
+            Link::Tls(s) => {
+                let (r, w) = tokio::io::split(s);
+                (Box::new(r), Box::new(w))
+            }
+        }
+    }
+}
+
+impl AsyncRead for Link {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Link::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Link::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Link {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Link::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Link::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Link::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Link::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Link::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Link::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -500,7 +611,7 @@ struct PubCfg {
 /// Publish to `topics` in turn (stream id `stream + index`, each topic its own sequence) until
 /// the deadline or the count; keeps up to `window` QoS 1/2 messages unacknowledged.
 async fn publisher(
-    mut s: TcpStream,
+    mut s: Link,
     mut inbuf: BytesMut,
     topics: Vec<String>,
     stream: u32,
@@ -625,6 +736,7 @@ async fn publisher(
     if let Some(e) = err {
         reports[0].error = Some(e);
     }
+    drop((rd, wr));
     disconnect(s).await;
     reports
 }
@@ -637,7 +749,7 @@ struct SubCfg {
 /// Receive until told to stop; acknowledges QoS 1/2 and accounts every message.
 /// `done_at`: stop by itself once this many messages arrived (sessions scenario).
 async fn subscriber(
-    mut s: TcpStream,
+    mut s: Link,
     mut inbuf: BytesMut,
     cfg: Arc<SubCfg>,
     mut stop: watch::Receiver<bool>,
@@ -706,6 +818,7 @@ async fn subscriber(
     if !out.is_empty() {
         let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
     }
+    drop((rd, wr));
     disconnect(s).await;
     rep
 }
@@ -1272,6 +1385,17 @@ fn main() {
         std::process::exit(2);
     }
     base();
+    let tls = match &opts.tls_ca {
+        Some(ca) => match tls_connector(ca) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("load: --tls-ca: {e}");
+                std::process::exit(2);
+            }
+        },
+        None => None,
+    };
+    let _ = TLS.set(tls);
     // The whole run is bounded: a watchdog ends the process if anything hangs.
     let limit = Duration::from_secs_f64(
         opts.duration + opts.drain + 2.0 * SETUP_TIMEOUT.as_secs_f64() + 30.0,

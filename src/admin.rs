@@ -239,6 +239,12 @@ pub struct Figures {
     pub slow_consumers: u64,
     /// Times a subscriber was marked slow since start.
     pub slow_consumers_marked: u64,
+    /// Failed transport handshakes by transport (`tls`, `ws`).
+    pub handshake_failures: Vec<(&'static str, u64)>,
+    /// CONNECTs refused by authentication, by reason (`bad_credentials`, `not_authorized`).
+    pub auth_refused: Vec<(&'static str, u64)>,
+    /// ACL refusals by action (`publish`, `subscribe`, `delivery`).
+    pub acl_denied: Vec<(&'static str, u64)>,
     /// The store's figures; `None` with persistence off.
     pub store: Option<crate::store::StoreFigures>,
 }
@@ -280,6 +286,19 @@ pub async fn figures(broker: &Broker) -> Figures {
         protocol_errors: Stats::get(&s.protocol_errors),
         slow_consumers: all.iter().filter(|i| i.slow).count() as u64,
         slow_consumers_marked: Stats::get(&s.slow_consumers_marked),
+        handshake_failures: vec![
+            ("tls", Stats::get(&s.tls_handshake_failures)),
+            ("ws", Stats::get(&s.ws_handshake_failures)),
+        ],
+        auth_refused: vec![
+            ("bad_credentials", Stats::get(&s.auth_bad_credentials)),
+            ("not_authorized", Stats::get(&s.auth_not_authorized)),
+        ],
+        acl_denied: vec![
+            ("publish", Stats::get(&s.acl_denied_publish)),
+            ("subscribe", Stats::get(&s.acl_denied_subscribe)),
+            ("delivery", Stats::get(&s.acl_denied_delivery)),
+        ],
         store: broker.store.as_ref().map(|st| st.figures()),
     }
 }
@@ -357,11 +376,13 @@ pub fn prometheus(f: &Figures) -> String {
         "Bytes written to client sockets.",
         &[("", f.bytes_sent)],
     );
-    let dropped: Vec<(String, u64)> = f
-        .dropped
-        .iter()
-        .map(|(cause, n)| (format!("{{cause=\"{cause}\"}}"), *n))
-        .collect();
+    let labelled = |key: &str, values: &[(&str, u64)]| -> Vec<(String, u64)> {
+        values
+            .iter()
+            .map(|(v, n)| (format!("{{{key}=\"{v}\"}}"), *n))
+            .collect()
+    };
+    let dropped = labelled("cause", &f.dropped);
     let dropped: Vec<(&str, u64)> = dropped.iter().map(|(l, n)| (l.as_str(), *n)).collect();
     metric(
         "tether_messages_dropped_total",
@@ -435,6 +456,30 @@ pub fn prometheus(f: &Figures) -> String {
         "Times a subscriber was marked slow.",
         &[("", f.slow_consumers_marked)],
     );
+    for (name, help, key, values) in [
+        (
+            "tether_handshake_failures_total",
+            "TLS handshakes and WebSocket upgrades that failed or timed out, by transport.",
+            "transport",
+            &f.handshake_failures,
+        ),
+        (
+            "tether_auth_refused_total",
+            "CONNECTs refused by authentication, by reason.",
+            "reason",
+            &f.auth_refused,
+        ),
+        (
+            "tether_acl_denied_total",
+            "ACL refusals, by action.",
+            "action",
+            &f.acl_denied,
+        ),
+    ] {
+        let samples = labelled(key, values);
+        let samples: Vec<(&str, u64)> = samples.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+        metric(name, "counter", help, &samples);
+    }
     if let Some(st) = &f.store {
         metric(
             "tether_store_bytes",

@@ -122,6 +122,13 @@ async fn bad_credentials_and_anonymous_clients_get_the_connack_codes() {
     let stats = &b.broker.stats;
     assert_eq!(stats.auth_bad_credentials.load(Ordering::Relaxed), 7);
     assert_eq!(stats.auth_not_authorized.load(Ordering::Relaxed), 3);
+    let metrics = tether::admin::prometheus(&tether::admin::figures(&b.broker).await);
+    for line in [
+        "tether_auth_refused_total{reason=\"bad_credentials\"} 7\n",
+        "tether_auth_refused_total{reason=\"not_authorized\"} 3\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     b.stop().await;
 }
 
@@ -357,6 +364,11 @@ async fn acl_refused_publish_is_dropped_with_the_right_acknowledgement() {
     };
     assert_eq!(&m.payload[..], b"alice");
     assert_eq!(b.broker.stats.acl_denied_publish.load(Ordering::Relaxed), 4);
+    let metrics = tether::admin::prometheus(&tether::admin::figures(&b.broker).await);
+    assert!(
+        metrics.contains("tether_acl_denied_total{action=\"publish\"} 4\n"),
+        "{metrics}"
+    );
     b.stop().await;
 }
 

@@ -182,6 +182,11 @@ async fn bad_input_on_tls_and_plain_ports_closes_only_that_connection() {
         .await;
     c.expect_closed().await;
     eventually("both counted", || tls_failures(&b) >= 2).await;
+    let metrics = tether::admin::prometheus(&tether::admin::figures(&b.broker).await);
+    assert!(
+        metrics.contains("tether_handshake_failures_total{transport=\"tls\"} 2\n"),
+        "{metrics}"
+    );
 
     // A TLS client on a plain port: its ClientHello is not a CONNECT.
     let err = pki::tls_connect(plain.addr, pki.client_config(None)).await;
