@@ -830,6 +830,11 @@ async fn finish(
             debug!(reason = %exit, "connection closed")
         }
         Exit::Kicked => info!(reason = %exit, "connection closed"),
+        // Bad input below MQTT: a WebSocket text or oversize frame, a corrupt TLS record.
+        Exit::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Stats::incr(&broker.stats.protocol_errors);
+            warn!(reason = %exit, "closing connection")
+        }
         Exit::PeerClosed | Exit::Io(_) | Exit::KeepAliveTimeout => {
             info!(reason = %exit, "connection lost")
         }

@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
+use common::pki;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tether::codec;
@@ -219,6 +220,7 @@ async fn bad_upgrades_and_frames_close_only_that_connection() {
         .expect("read");
     eventually("4 failed upgrades counted", || ws_failures(&b) >= 4).await;
 
+    let errors_before = b.broker.stats.protocol_errors.load(Ordering::Relaxed);
     // A text frame [MQTT-6.0.0-1].
     let mut c = ws_open(b.addr, "/mqtt", Some("mqtt"))
         .await
@@ -338,5 +340,65 @@ async fn a_page_in_headless_chromium_gets_a_message_from_mosquitto_pub() {
         Some("RESULT browser/test hello from mosquitto_pub")
     );
     assert!(page.wait().await.expect("wait").success());
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn mqtt_over_websocket_over_tls() {
+    let pki = pki::Pki::new("wss");
+    let server = pki.server();
+    let mut config = ws_config();
+    config.listener.tls = Some(tether::config::TlsConfig {
+        cert: server.cert.clone(),
+        key: server.key.clone(),
+        client_ca: None,
+        require_client_cert: false,
+        use_identity_as_username: false,
+    });
+    let b = TestBroker::with_config(config).await;
+    let tls = pki::tls_connect(b.addr, pki.client_config(None))
+        .await
+        .expect("TLS");
+    let mut req = format!("wss://localhost:{}/mqtt", b.addr.port())
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("upgrade over TLS");
+    assert_eq!(resp.headers()["Sec-WebSocket-Protocol"], "mqtt");
+    ws.send(Message::Binary(Bytes::from(connect_v311("wss", true, 60))))
+        .await
+        .expect("send");
+    ws.send(Message::Binary(Bytes::from(subscribe(1, "wss/t", 0))))
+        .await
+        .expect("send");
+    ws.send(Message::Binary(Bytes::from(publish(
+        "wss/t",
+        0,
+        0,
+        false,
+        false,
+        b"secure ws",
+    ))))
+    .await
+    .expect("send");
+    let mut buf = BytesMut::new();
+    let mut got = None;
+    while got.is_none() {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(m)))) => buf.extend_from_slice(&m),
+            other => panic!("expected a binary frame, got {other:?}"),
+        }
+        while let Some(p) =
+            codec::decode(&mut buf, Some(ProtocolVersion::V311), usize::MAX).expect("decodable")
+        {
+            if let Packet::Publish(p) = p {
+                got = Some(p.payload);
+            }
+        }
+    }
+    assert_eq!(got.as_deref(), Some(&b"secure ws"[..]));
     b.stop().await;
 }
