@@ -115,6 +115,10 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
                 return;
             }
             Ok(Err(ConnectError::Io(e))) => {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    // A WebSocket text or oversize frame, a corrupt TLS record.
+                    Stats::incr(&broker.stats.protocol_errors);
+                }
                 debug!("read error before CONNECT: {e}");
                 return;
             }
