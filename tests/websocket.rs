@@ -236,9 +236,10 @@ async fn bad_upgrades_and_frames_close_only_that_connection() {
     c.frames(&[&publish("still/here", 0, 0, false, false, &[7u8; 8000])])
         .await;
     c.expect_closed().await;
-    eventually("text and oversize frames counted as protocol errors", || {
-        b.broker.stats.protocol_errors.load(Ordering::Relaxed) >= errors_before + 2
-    })
+    eventually(
+        "text and oversize frames counted as protocol errors",
+        || b.broker.stats.protocol_errors.load(Ordering::Relaxed) >= errors_before + 2,
+    )
     .await;
 
     // The bystander is still served.

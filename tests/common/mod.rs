@@ -42,17 +42,28 @@ impl TestBroker {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let broker = Broker::new(Arc::new(config));
+        TestBroker::running(vec![addr], broker, |b, stopped| {
+            tether::server::run_with(listener, b, stopped)
+        })
+    }
+
+    /// Spawn `run(broker, stopped)`, where `stopped` completes when the test stops it.
+    fn running<F>(
+        addrs: Vec<SocketAddr>,
+        broker: Arc<Broker>,
+        run: impl FnOnce(Arc<Broker>, futures_util::future::BoxFuture<'static, ()>) -> F,
+    ) -> TestBroker
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel::<()>();
-        let b = broker.clone();
-        let task = tokio::spawn(async move {
-            tether::server::run_with(listener, b, async {
-                let _ = rx.await;
-            })
-            .await
+        let stopped = Box::pin(async move {
+            let _ = rx.await;
         });
+        let task = tokio::spawn(run(broker.clone(), stopped));
         TestBroker {
-            addr,
-            addrs: vec![addr],
+            addr: addrs[0],
+            addrs,
             broker,
             stop: Some(tx),
             task: Some(task),
@@ -73,21 +84,9 @@ impl TestBroker {
                 .mqtt
                 .push(tether::server::Listener::new(socket, spec).expect("listener"));
         }
-        let (tx, rx) = oneshot::channel::<()>();
-        let b = broker.clone();
-        let task = tokio::spawn(async move {
-            tether::server::run_sockets(sockets, b, async {
-                let _ = rx.await;
-            })
-            .await
-        });
-        TestBroker {
-            addr: addrs[0],
-            addrs,
-            broker,
-            stop: Some(tx),
-            task: Some(task),
-        }
+        TestBroker::running(addrs, broker, |b, stopped| {
+            tether::server::run_sockets(sockets, b, stopped)
+        })
     }
 
     /// Shut down and wait for the broker to finish.
