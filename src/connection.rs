@@ -188,15 +188,29 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     } else {
         connect.username.clone()
     };
-    let verdict = broker
-        .auth
-        .authenticate(
+    // Bounded by the CONNECT deadline: a queue of slow hashes must not hold connection
+    // slots past it.
+    let verdict = tokio::select! {
+        _ = shutdown.recv() => return,
+        v = tokio::time::timeout_at(deadline, broker.auth.authenticate(
             username.as_deref(),
             connect.password.as_ref(),
             identity,
             endpoint.spec.allow_anonymous,
-        )
-        .await;
+        )) => v,
+    };
+    let Ok(verdict) = verdict else {
+        warn!("password check not done within the CONNECT timeout; refusing");
+        refuse(&mut stream, protocol, ReasonCode::SERVER_UNAVAILABLE).await;
+        return;
+    };
+    // A name nobody checked is not an identity: without a password file (and no
+    // certificate) the client is anonymous to the ACL too.
+    let username = if identity || broker.auth.checks_passwords() {
+        username
+    } else {
+        None
+    };
     let refused = match verdict {
         Verdict::Allowed => None,
         Verdict::BadCredentials => {
@@ -625,6 +639,8 @@ async fn refuse(stream: &mut Stream, protocol: ProtocolVersion, reason: ReasonCo
     if codec::encode(&connack(false, reason), protocol, None, &mut out).is_ok() {
         let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&out)).await;
     }
+    // Flush TLS / WebSocket buffers and end them properly (close_notify, a Close frame).
+    let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.shutdown()).await;
 }
 
 async fn main_loop(

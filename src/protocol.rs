@@ -244,6 +244,17 @@ impl Conn {
                 break;
             };
             if let Packet::Publish(publish) = &p {
+                // A resumed session's messages are re-checked: the rules may have changed
+                // (SIGHUP) since they were first sent.
+                if self
+                    .acl
+                    .as_ref()
+                    .is_some_and(|a| !a.can_receive(&publish.topic))
+                {
+                    Stats::incr(&self.broker.stats.acl_denied_delivery);
+                    s.forget(publish.packet_id);
+                    continue;
+                }
                 if !self.send(&p) {
                     // It can never reach this client (say, it now announces a smaller
                     // Maximum Packet Size): end its flow instead of blocking the window.
@@ -426,6 +437,25 @@ impl Conn {
             ));
         }
         let packet_id = p.packet_id;
+        if p.qos == QoS::ExactlyOnce {
+            let max = usize::from(self.broker.config.session.max_inbound_inflight);
+            match s.begin_inbound_qos2(packet_id, max) {
+                InboundQos2::New => {}
+                InboundQos2::Duplicate => {
+                    // Already routed once: acknowledge again, deliver nothing.
+                    self.send(&Packet::PubRec(Ack::new(packet_id)));
+                    return Ok(());
+                }
+                InboundQos2::Full => {
+                    return Err(Exit::Violation(
+                        ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+                        "too many QoS 2 messages awaiting PUBREL",
+                    ))
+                }
+            }
+        }
+        // After the QoS 2 duplicate check: a retransmission of a message already routed is
+        // acknowledged as before, whatever a reload did to the rules meanwhile.
         self.refresh_acl();
         if self.acl.as_ref().is_some_and(|a| !a.can_publish(&p.topic)) {
             Stats::incr(&self.broker.stats.acl_denied_publish);
@@ -446,27 +476,15 @@ impl Conn {
                     self.send(&Packet::PubAck(ack));
                 }
                 QoS::ExactlyOnce => {
+                    // v5's 0x87 ends the flow, so no PUBREL will release the id; a 3.1.1
+                    // client goes on with PUBREL, which releases it.
+                    if self.protocol.is_v5() {
+                        s.release_inbound_qos2(packet_id);
+                    }
                     self.send(&Packet::PubRec(ack));
                 }
             }
             return Ok(());
-        }
-        if p.qos == QoS::ExactlyOnce {
-            let max = usize::from(self.broker.config.session.max_inbound_inflight);
-            match s.begin_inbound_qos2(packet_id, max) {
-                InboundQos2::New => {}
-                InboundQos2::Duplicate => {
-                    // Already routed once: acknowledge again, deliver nothing.
-                    self.send(&Packet::PubRec(Ack::new(packet_id)));
-                    return Ok(());
-                }
-                InboundQos2::Full => {
-                    return Err(Exit::Violation(
-                        ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
-                        "too many QoS 2 messages awaiting PUBREL",
-                    ))
-                }
-            }
         }
         let properties = p.properties;
         let expires_at = properties

@@ -53,6 +53,15 @@ async fn connack(b: &TestBroker, c: Connect) -> (Raw, ReasonCode) {
 }
 
 async fn broker_with(password_file: Option<PathBuf>, acl: Option<&str>, dir: &Path) -> TestBroker {
+    broker_config(password_file, acl, dir, |_| {}).await
+}
+
+async fn broker_config(
+    password_file: Option<PathBuf>,
+    acl: Option<&str>,
+    dir: &Path,
+    adjust: impl FnOnce(&mut Config),
+) -> TestBroker {
     let mut config = Config::default();
     config.persistence.enabled = false;
     config.auth.password_file = password_file;
@@ -61,7 +70,17 @@ async fn broker_with(password_file: Option<PathBuf>, acl: Option<&str>, dir: &Pa
         std::fs::write(&path, text).expect("acl");
         config.auth.acl_file = Some(path);
     }
+    adjust(&mut config);
     TestBroker::with_config(config).await
+}
+
+/// A password file with alice and admin (password = `pw-` + name), for the ACL tests: only
+/// a checked username selects a user's rules.
+fn acl_users(dir: &Path) -> PathBuf {
+    let file = dir.join("passwd");
+    tether_passwd(&file, &["alice", "pw-alice"]);
+    tether_passwd(&file, &["admin", "pw-admin"]);
+    file
 }
 
 #[tokio::test]
@@ -234,7 +253,8 @@ pattern read users/%u/inbox
 ";
 
 async fn login(b: &TestBroker, version: ProtocolVersion, id: &str, user: Option<&str>) -> Raw {
-    let (c, r) = connack(b, connect(version, id, user, None)).await;
+    let password = user.map(|u| format!("pw-{u}"));
+    let (c, r) = connack(b, connect(version, id, user, password.as_deref())).await;
     assert_eq!(r, ReasonCode::SUCCESS, "{id}");
     c
 }
@@ -242,7 +262,7 @@ async fn login(b: &TestBroker, version: ProtocolVersion, id: &str, user: Option<
 #[tokio::test]
 async fn acl_refuses_one_filter_of_a_subscribe_and_grants_the_others() {
     let dir = temp("acl-sub");
-    let b = broker_with(None, Some(ACL), &dir).await;
+    let b = broker_with(Some(acl_users(&dir)), Some(ACL), &dir).await;
     // 3.1.1: 0x80 Failure for the refused filter [MQTT-3.9.3-2 return codes], others granted.
     let mut c = login(&b, ProtocolVersion::V311, "c311", Some("alice")).await;
     let mut body = vec![0x00, 0x01];
@@ -310,7 +330,7 @@ async fn acl_refuses_one_filter_of_a_subscribe_and_grants_the_others() {
 #[tokio::test]
 async fn acl_refused_publish_is_dropped_with_the_right_acknowledgement() {
     let dir = temp("acl-pub");
-    let b = broker_with(None, Some(ACL), &dir).await;
+    let b = broker_with(Some(acl_users(&dir)), Some(ACL), &dir).await;
     let mut watcher = login(&b, ProtocolVersion::V311, "clients-watch", Some("alice")).await;
     watcher.send(&subscribe(1, "home/#", 1)).await;
     watcher.expect_bytes(&[0x90, 0x03, 0x00, 0x01, 0x01]).await;
@@ -375,7 +395,7 @@ async fn acl_refused_publish_is_dropped_with_the_right_acknowledgement() {
 #[tokio::test]
 async fn a_read_denied_topic_matched_by_a_wildcard_is_not_delivered() {
     let dir = temp("acl-deliver");
-    let b = broker_with(None, Some(ACL), &dir).await;
+    let b = broker_with(Some(acl_users(&dir)), Some(ACL), &dir).await;
     let mut sub = login(&b, ProtocolVersion::V5, "sub", Some("alice")).await;
     sub.sub_v5(1, "home/#", QoS::AtMostOnce).await;
     let mut admin = login(&b, ProtocolVersion::V311, "admin", Some("admin")).await;
@@ -417,7 +437,7 @@ async fn a_read_denied_topic_matched_by_a_wildcard_is_not_delivered() {
 #[tokio::test]
 async fn a_will_the_acl_does_not_allow_refuses_the_connect() {
     let dir = temp("acl-will");
-    let b = broker_with(None, Some(ACL), &dir).await;
+    let b = broker_with(Some(acl_users(&dir)), Some(ACL), &dir).await;
     // 3.1.1: return code 5, not authorized.
     let mut c = b.raw().await;
     c.send(&connect_v311_will(
@@ -433,6 +453,7 @@ async fn a_will_the_acl_does_not_allow_refuses_the_connect() {
     // v5: 0x87.
     let mut connect = v5_connect("w5", true);
     connect.username = Some("alice".into());
+    connect.password = Some(Bytes::from_static(b"pw-alice"));
     connect.will = Some(v5_will("home/will", b"gone", 0));
     let (_, ack) = b.connect_v5(connect.clone()).await;
     // alice may write home/#: accepted.
@@ -441,5 +462,85 @@ async fn a_will_the_acl_does_not_allow_refuses_the_connect() {
     connect.will = Some(v5_will("public/will", b"gone", 0));
     let (_, ack) = b.connect_v5(connect).await;
     assert_eq!(ack.reason, ReasonCode::NOT_AUTHORIZED);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_password_file_a_claimed_username_gets_the_anonymous_rules() {
+    let dir = temp("acl-claim");
+    let b = broker_with(None, Some(ACL), &dir).await;
+    // Nobody checks "admin" here: the client is anonymous to the ACL.
+    let (mut c, r) = connack(
+        &b,
+        connect(
+            ProtocolVersion::V5,
+            "claims-admin",
+            Some("admin"),
+            Some("x"),
+        ),
+    )
+    .await;
+    assert_eq!(r, ReasonCode::SUCCESS);
+    let ack = c
+        .subscribe_v5(
+            1,
+            vec![
+                v5_filter("#", QoS::AtMostOnce),
+                v5_filter("public/#", QoS::AtMostOnce),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(
+        ack.reasons,
+        vec![ReasonCode::NOT_AUTHORIZED, ReasonCode::SUCCESS]
+    );
+    c.send_packet(&Packet::Publish(v5_publish(
+        "home/door",
+        QoS::AtLeastOnce,
+        3,
+        b"x",
+    )))
+    .await;
+    let Packet::PubAck(a) = c.recv_packet().await else {
+        panic!("expected PUBACK");
+    };
+    assert_eq!(a.reason, ReasonCode::NOT_AUTHORIZED);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_denied_retransmission_of_an_unreleased_qos2_message_is_still_acknowledged() {
+    let dir = temp("acl-qos2");
+    let b = broker_with(Some(acl_users(&dir)), Some(ACL), &dir).await;
+    let mut c = login(&b, ProtocolVersion::V5, "q2", Some("alice")).await;
+    c.send_packet(&Packet::Publish(v5_publish(
+        "home/door",
+        QoS::ExactlyOnce,
+        4,
+        b"x",
+    )))
+    .await;
+    let Packet::PubRec(a) = c.recv_packet().await else {
+        panic!("expected PUBREC");
+    };
+    assert_eq!(a.reason, ReasonCode::SUCCESS);
+    // The rules change before the client, which missed the PUBREC, sends the PUBLISH again.
+    std::fs::write(dir.join("acl"), "user alice\ntopic read home/#\n").expect("acl");
+    b.broker.reload_files(&b.broker.config.auth);
+    let mut again = v5_publish("home/door", QoS::ExactlyOnce, 4, b"x");
+    again.dup = true;
+    c.send_packet(&Packet::Publish(again)).await;
+    let Packet::PubRec(a) = c.recv_packet().await else {
+        panic!("expected PUBREC");
+    };
+    // Already routed once: acknowledged as before [MQTT-4.3.3-10 / 4.3.3-11 in v5].
+    assert_eq!(a.reason, ReasonCode::SUCCESS);
+    c.send_packet(&Packet::PubRel(tether::packet::Ack::new(4)))
+        .await;
+    let Packet::PubComp(a) = c.recv_packet().await else {
+        panic!("expected PUBCOMP");
+    };
+    assert_eq!(a.reason, ReasonCode::SUCCESS);
     b.stop().await;
 }

@@ -478,10 +478,24 @@ fn mosquitto_clients_over_tls_mtls_and_passwords() {
         WAIT,
     );
     assert!(!f.status.success(), "wrong password accepted");
+    // CONNACK return code 4, as mosquitto_pub reports it (not a network or TLS error).
+    assert!(
+        f.stderr
+            .to_lowercase()
+            .contains("bad user name or password"),
+        "{}",
+        f.stderr
+    );
     let f = run(
         "mosquitto_pub",
         mosquitto("mosquitto_pub", pw_port, &["-t", "x", "-m", "x"]),
         WAIT,
     );
     assert!(!f.status.success(), "anonymous accepted where not allowed");
+    // Return code 5.
+    assert!(
+        f.stderr.to_lowercase().contains("not authori"),
+        "{}",
+        f.stderr
+    );
 }

@@ -26,6 +26,7 @@ fn ws_config() -> Config {
     let mut config = Config::default();
     config.persistence.enabled = false;
     config.listener.transport = TransportKind::Ws;
+    config.listener.allow_anonymous = Some(true);
     config.listener.max_packet_size = 4096;
     config
 }
@@ -405,5 +406,22 @@ async fn mqtt_over_websocket_over_tls() {
         }
     }
     assert_eq!(got.as_deref(), Some(&b"secure ws"[..]));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_websocket_listener_takes_no_anonymous_clients_unless_told_even_on_loopback() {
+    // Any page in a local browser can open ws://127.0.0.1: loopback is no protection here.
+    let mut config = ws_config();
+    config.listener.allow_anonymous = None;
+    let b = TestBroker::with_config(config).await;
+    let mut c = ws_open(b.addr, "/mqtt", Some("mqtt"))
+        .await
+        .expect("upgrade");
+    c.frames(&[&connect_v311("page", true, 60)]).await;
+    let Packet::ConnAck(ack) = c.recv_packet().await else {
+        panic!("expected CONNACK");
+    };
+    assert_eq!(ack.reason, ReasonCode::NOT_AUTHORIZED);
     b.stop().await;
 }

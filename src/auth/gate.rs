@@ -96,6 +96,12 @@ impl Gate {
         Ok(())
     }
 
+    /// Whether usernames are checked (a password file is loaded). Without one a username is
+    /// a claim, not an identity, and must not select ACL rules.
+    pub fn checks_passwords(&self) -> bool {
+        read(&self.passwords).is_some()
+    }
+
     /// Decide CONNECT's credentials. `username` is the CONNECT's, or the certificate's CN
     /// when `identity` says the listener takes it from there (its password is then not
     /// checked: the verified certificate is the credential).
@@ -115,7 +121,7 @@ impl Gate {
         let passwords = read(&self.passwords);
         let (Some(user), Some(passwords)) = (username, passwords) else {
             // Without a password file a username proves nothing: the client counts as
-            // anonymous.
+            // anonymous (and the caller must not use the name for the ACL either).
             return if allow_anonymous {
                 Verdict::Allowed
             } else {
@@ -125,6 +131,10 @@ impl Gate {
         let Some(password) = password.cloned() else {
             return Verdict::BadCredentials;
         };
+        if !passwords.contains(user) {
+            // No hash to check: answered at once, without a place in the hashing queue.
+            return Verdict::BadCredentials;
+        }
         let Ok(_permit) = self.hashing.acquire().await else {
             return Verdict::NotAuthorized;
         };

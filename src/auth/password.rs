@@ -243,6 +243,11 @@ impl PasswordFile {
             .get(username)
             .is_some_and(|hash| hash.verify(password))
     }
+
+    /// Whether the file has a line for `username` (cheap: no hash is computed).
+    pub fn contains(&self, username: &str) -> bool {
+        self.users.contains_key(username)
+    }
 }
 
 /// A new `$7$` entry's hash string with a fresh random 12-byte salt.
@@ -379,9 +384,18 @@ fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), PasswordFileErro
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    // An existing file keeps its mode and, where we may set it, its owner and group: a file
+    // an operator made readable to the service's group must stay readable after an edit.
+    let existing = fs::metadata(path).ok();
     let result = options
         .open(&temp)
         .and_then(|mut file| {
+            #[cfg(unix)]
+            if let Some(meta) = &existing {
+                use std::os::unix::fs::MetadataExt;
+                file.set_permissions(meta.permissions())?;
+                let _ = std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()));
+            }
             file.write_all(contents)?;
             // The data must be on disk before the rename makes it the file.
             file.sync_all()

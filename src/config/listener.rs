@@ -71,7 +71,7 @@ pub struct ExtraListener {
     /// HTTP path of the WebSocket upgrade (`transport = "ws"`).
     #[serde(default = "default_ws_path")]
     pub ws_path: String,
-    /// Accept clients without a username; absent = only on a loopback address.
+    /// Accept clients without a username; absent = only on a loopback TCP listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_anonymous: Option<bool>,
     /// TLS on this listener.
@@ -115,8 +115,10 @@ pub struct ListenerSpec {
 }
 
 impl ListenerSpec {
-    /// Resolve a listener's settings; `allow_anonymous` defaults to "only on loopback", so a
-    /// broker opened to the network never takes anonymous clients unless told to.
+    /// Resolve a listener's settings; `allow_anonymous` defaults to "only on a loopback TCP
+    /// listener", so a broker opened to the network never takes anonymous clients unless told
+    /// to. WebSocket listeners are left out even on loopback: any web page a local browser
+    /// opens can reach `ws://127.0.0.1`.
     pub fn new(
         bind: SocketAddr,
         max_connections: usize,
@@ -130,7 +132,8 @@ impl ListenerSpec {
             max_connections,
             transport,
             ws_path: ws_path.to_string(),
-            allow_anonymous: allow_anonymous.unwrap_or(bind.ip().is_loopback()),
+            allow_anonymous: allow_anonymous
+                .unwrap_or(bind.ip().is_loopback() && transport == TransportKind::Tcp),
             tls,
         }
     }
@@ -173,7 +176,7 @@ pub struct ListenerConfig {
     pub transport: TransportKind,
     /// HTTP path of the WebSocket upgrade (`transport = "ws"`).
     pub ws_path: String,
-    /// Accept clients without a username; absent = only on a loopback address.
+    /// Accept clients without a username; absent = only on a loopback TCP listener.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_anonymous: Option<bool>,
     /// TLS on this listener.
