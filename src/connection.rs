@@ -228,6 +228,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
         return;
     }
     let acl_generation = broker.auth.acl_generation();
+    let acl_epoch = crate::auth::gate::acl_epoch();
     let acl = broker.auth.client_acl(username.as_deref(), &client_id);
     if let (Some(acl), Some(will)) = (&acl, &connect.will) {
         if !acl.can_publish(&will.topic) {
@@ -354,6 +355,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
 
     let mut conn = Conn::new(broker.clone(), &connect, client_id.clone(), generation);
     conn.username = username.map(Arc::from);
+    session.mailbox.set_acl(acl.clone().map(|a| (acl_epoch, a)));
     conn.acl = acl;
     conn.acl_generation = acl_generation;
     conn.keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));

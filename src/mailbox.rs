@@ -15,6 +15,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
+use crate::auth::acl::ClientAcl;
+use crate::auth::gate::acl_epoch;
 use crate::config::{OverflowPolicy, SessionConfig};
 use crate::message::Delivery;
 use crate::packet::QoS;
@@ -67,6 +69,10 @@ struct Inner {
     slow: bool,
     /// Messages this queue dropped at its limits or while slow (per-session counter).
     dropped: u64,
+    /// The session's ACL rules as its last connection had them, with the ACL epoch they were
+    /// made in: a message the client may not read is not queued, so it takes no queue space
+    /// (and a shared group gives it to a member who may). Set by the connection task.
+    acl: Option<Box<(u64, std::sync::Arc<ClientAcl>)>>,
 }
 
 /// What happened to a pushed delivery.
@@ -84,6 +90,8 @@ pub enum Pushed {
     DroppedSlow,
     /// Dropped: the session has ended.
     Closed,
+    /// Not queued: the session's ACL does not let it read the topic.
+    Denied,
 }
 
 /// The queue itself. Owned jointly (`Arc`) by the session, by each of its router entries, and
@@ -124,6 +132,14 @@ impl Mailbox {
             let mut q = self.lock();
             if q.closed {
                 return Pushed::Closed;
+            }
+            if q.acl
+                .as_deref()
+                .is_some_and(|(epoch, acl)| *epoch == acl_epoch() && !acl.can_receive(&d.msg.topic))
+            {
+                drop(q);
+                Stats::incr(&stats.acl_denied_delivery);
+                return Pushed::Denied;
             }
             let outcome =
                 if !q.online && d.qos == QoS::AtMostOnce && !self.limits.queue_qos0_offline {
@@ -187,9 +203,15 @@ impl Mailbox {
             Pushed::DroppedFull => Stats::incr(&stats.dropped_queue_full),
             Pushed::DroppedQos0Offline => Stats::incr(&stats.dropped_qos0_offline),
             Pushed::DroppedSlow => Stats::incr(&stats.dropped_slow_qos0),
-            Pushed::Closed => {}
+            Pushed::Closed | Pushed::Denied => {}
         }
         outcome
+    }
+
+    /// Use `acl` (made in ACL epoch `epoch`) to refuse messages while routing; `None` = no
+    /// ACL configured.
+    pub fn set_acl(&self, acl: Option<(u64, std::sync::Arc<ClientAcl>)>) {
+        self.lock().acl = acl.map(Box::new);
     }
 
     /// Take the oldest queued delivery.

@@ -192,14 +192,16 @@ impl Conn {
 
     /// Take this client's rules from the ACL as loaded now, if it changed since (SIGHUP):
     /// new rules apply to the next PUBLISH, SUBSCRIBE and delivery.
-    pub fn refresh_acl(&mut self) {
+    pub fn refresh_acl(&mut self, mailbox: &Mailbox) {
         let generation = self.broker.auth.acl_generation();
         if generation != self.acl_generation {
+            let epoch = crate::auth::gate::acl_epoch();
             self.acl = self
                 .broker
                 .auth
                 .client_acl(self.username.as_deref(), &self.client_id);
             self.acl_generation = generation;
+            mailbox.set_acl(self.acl.clone().map(|a| (epoch, a)));
         }
     }
 
@@ -236,7 +238,7 @@ impl Conn {
     /// buffer have room, oldest first (QoS 0 messages need no window slot but keep their
     /// place in the order).
     pub fn pump(&mut self, s: &mut Session, now: Instant) {
-        self.refresh_acl();
+        self.refresh_acl(&s.mailbox);
         let max_write = self.broker.config.listener.max_write_buffer;
         // Re-sends after a resume come first, within the window.
         while self.out.len() < max_write {
@@ -456,7 +458,7 @@ impl Conn {
         }
         // After the QoS 2 duplicate check: a retransmission of a message already routed is
         // acknowledged as before, whatever a reload did to the rules meanwhile.
-        self.refresh_acl();
+        self.refresh_acl(&s.mailbox);
         if self.acl.as_ref().is_some_and(|a| !a.can_publish(&p.topic)) {
             Stats::incr(&self.broker.stats.acl_denied_publish);
             debug!(topic = %p.topic, "PUBLISH not allowed by the ACL; dropped");
@@ -519,7 +521,7 @@ impl Conn {
     }
 
     fn on_subscribe(&mut self, s: &mut Session, sub: Subscribe, now: Instant) -> Result<(), Exit> {
-        self.refresh_acl();
+        self.refresh_acl(&s.mailbox);
         let mut reasons = Vec::with_capacity(sub.filters.len());
         let mut retained = Vec::new();
         for f in &sub.filters {

@@ -218,7 +218,8 @@ impl Router {
                     ids,
                     stats,
                 ) {
-                    Pushed::Closed => continue,
+                    // Gone, or not allowed to read it: the next member in turn.
+                    Pushed::Closed | Pushed::Denied => continue,
                     pushed => {
                         queued += usize::from(queued_ok(pushed));
                         if let Some(c) = congested.as_deref_mut() {

@@ -544,3 +544,61 @@ async fn a_denied_retransmission_of_an_unreleased_qos2_message_is_still_acknowle
     assert_eq!(a.reason, ReasonCode::SUCCESS);
     b.stop().await;
 }
+
+#[tokio::test]
+async fn messages_a_subscriber_may_not_read_take_no_room_in_its_queue() {
+    let dir = temp("acl-queue");
+    let b = broker_config(Some(acl_users(&dir)), Some(ACL), &dir, |c| {
+        c.session.max_queued_messages = 2;
+    })
+    .await;
+    let (mut alice, r) = connack(&b, {
+        let mut c = connect(
+            ProtocolVersion::V5,
+            "alice-q",
+            Some("alice"),
+            Some("pw-alice"),
+        );
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(600);
+        c
+    })
+    .await;
+    assert_eq!(r, ReasonCode::SUCCESS);
+    alice.sub_v5(1, "home/#", QoS::AtLeastOnce).await;
+    drop(alice);
+    b.wait_offline("alice-q").await;
+
+    let mut admin = login(&b, ProtocolVersion::V311, "admin-q", Some("admin")).await;
+    for i in 1..=5u16 {
+        admin
+            .send(&publish("home/secret", 1, i, false, false, b"no"))
+            .await;
+        admin.expect_bytes(&ack(0x40, i)).await;
+    }
+    for i in 6..=7u16 {
+        admin
+            .send(&publish("home/hall", 1, i, false, false, b"yes"))
+            .await;
+        admin.expect_bytes(&ack(0x40, i)).await;
+    }
+    let mut c = connect(
+        ProtocolVersion::V5,
+        "alice-q",
+        Some("alice"),
+        Some("pw-alice"),
+    );
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(600);
+    let mut alice = b.v5_client(c, true).await;
+    for _ in 0..2 {
+        let m = alice.recv_publish().await;
+        assert_eq!(m.topic, "home/hall");
+    }
+    assert_eq!(b.broker.stats.dropped_queue_full.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        b.broker.stats.acl_denied_delivery.load(Ordering::Relaxed),
+        5
+    );
+    b.stop().await;
+}

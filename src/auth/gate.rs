@@ -16,6 +16,16 @@ use crate::config::AuthConfig;
 /// Password checks running at once; more CONNECTs wait their turn.
 const CONCURRENT_HASHES: usize = 2;
 
+/// Bumped by every ACL load of any gate in the process. A session queue keeps its client's
+/// rules with the epoch they were made in and applies them while routing only while no
+/// reload has happened since (after one, the connection's own check at delivery decides).
+static EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// The process-wide ACL epoch now (see [`EPOCH`]).
+pub fn acl_epoch() -> u64 {
+    EPOCH.load(Ordering::Acquire)
+}
+
 /// What CONNECT's credentials earned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -92,6 +102,7 @@ impl Gate {
         };
         write(&self.passwords, passwords);
         write(&self.acl, acl);
+        EPOCH.fetch_add(1, Ordering::AcqRel);
         self.acl_generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
