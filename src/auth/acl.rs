@@ -19,6 +19,7 @@ use std::fmt;
 use std::fs;
 use std::path::Path;
 
+use super::filters::FilterSet;
 use crate::topic;
 
 /// What a rule line grants, or `Deny`.
@@ -263,12 +264,12 @@ pub(crate) fn covers(rule: &str, filter: &str) -> bool {
 /// since that is what decides which topics the client receives.
 #[derive(Debug, Clone, Default)]
 pub struct ClientAcl {
-    /// Filters of `deny` rules, kept apart so the scan that must always run is short.
-    deny: Vec<String>,
+    /// Filters of `deny` rules, kept apart: they are asked first.
+    deny: FilterSet,
     /// Filters of `read` and `readwrite` rules.
-    read: Vec<String>,
+    read: FilterSet,
     /// Filters of `write` and `readwrite` rules.
-    write: Vec<String>,
+    write: FilterSet,
 }
 
 impl ClientAcl {
@@ -287,16 +288,14 @@ impl ClientAcl {
     /// May this client publish to `topic`? Yes iff no deny rule matches it and some
     /// `write`/`readwrite` rule does.
     pub fn can_publish(&self, topic: &str) -> bool {
-        !self.deny.iter().any(|f| topic::matches(f, topic))
-            && self.write.iter().any(|f| topic::matches(f, topic))
+        !self.deny.matches(topic) && self.write.matches(topic)
     }
 
     /// May a message on `topic` be delivered to this client? Yes iff no deny rule matches it
     /// and some `read`/`readwrite` rule does. Runs once per delivered message, so it never
     /// allocates.
     pub fn can_receive(&self, topic: &str) -> bool {
-        !self.deny.iter().any(|f| topic::matches(f, topic))
-            && self.read.iter().any(|f| topic::matches(f, topic))
+        !self.deny.matches(topic) && self.read.matches(topic)
     }
 
     /// May this client subscribe to `filter`? Yes iff no deny rule covers it and some

@@ -13,5 +13,6 @@
 
 pub mod acl;
 mod base64;
+mod filters;
 pub mod gate;
 pub mod password;

@@ -1,0 +1,116 @@
+//! A set of topic filters that answers "does any of them match this topic?" by walking a
+//! trie of levels, so a client with a thousand ACL rules pays for the levels of the topic, not
+//! for the rules. Lookups borrow the topic's levels and allocate nothing.
+
+use std::collections::HashMap;
+
+/// Filters, kept both as written (for the subscribe-time `covers` checks, which are rare) and
+/// as a trie (for the per-message `matches`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FilterSet {
+    filters: Vec<String>,
+    root: Node,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Node {
+    /// Literal next levels.
+    children: HashMap<String, Node>,
+    /// A `+` next level.
+    plus: Option<Box<Node>>,
+    /// A filter ends here with `#`: it matches this level and everything below.
+    hash: bool,
+    /// A filter ends exactly here.
+    end: bool,
+}
+
+impl FilterSet {
+    /// Add a (valid) filter.
+    pub(crate) fn push(&mut self, filter: String) {
+        let mut node = &mut self.root;
+        for level in filter.split('/') {
+            match level {
+                "#" => {
+                    node.hash = true;
+                    self.filters.push(filter);
+                    return;
+                }
+                "+" => node = node.plus.get_or_insert_with(Default::default),
+                literal => node = node.children.entry(literal.to_string()).or_default(),
+            }
+        }
+        node.end = true;
+        self.filters.push(filter);
+    }
+
+    /// The filters as written.
+    pub(crate) fn iter(&self) -> std::slice::Iter<'_, String> {
+        self.filters.iter()
+    }
+
+    /// Whether any filter matches the (valid) topic name, with the `$` rule: a filter whose
+    /// first level is a wildcard matches no topic starting with `$` [MQTT-4.7.2-1].
+    pub(crate) fn matches(&self, topic: &str) -> bool {
+        // Recursion follows the trie, so its depth is bounded by the longest filter, not by
+        // the topic.
+        fn walk(node: &Node, mut levels: std::str::Split<'_, char>, wild_ok: bool) -> bool {
+            if node.hash && wild_ok {
+                return true;
+            }
+            let Some(level) = levels.next() else {
+                return node.end;
+            };
+            if let Some(child) = node.children.get(level) {
+                if walk(child, levels.clone(), true) {
+                    return true;
+                }
+            }
+            match &node.plus {
+                Some(plus) if wild_ok => walk(plus, levels, true),
+                _ => false,
+            }
+        }
+        walk(&self.root, topic.split('/'), !topic.starts_with('$'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(filters: &[&str]) -> FilterSet {
+        let mut s = FilterSet::default();
+        for f in filters {
+            s.push(f.to_string());
+        }
+        s
+    }
+
+    #[test]
+    fn agrees_with_topic_matches_on_a_grid() {
+        let filters = [
+            "#", "+", "a", "a/#", "a/+", "+/b", "a/b", "a/b/c", "+/+/c", "a/+/#", "/", "+/", "/+",
+            "$SYS/#", "$SYS/+", "+/#", "a//b", "a/b/#",
+        ];
+        let topics = [
+            "a", "a/b", "a/b/c", "a/b/c/d", "b", "b/b", "/", "/a", "a/", "a//b", "$SYS", "$SYS/x",
+            "$SYS/x/y", "x/y/c", "",
+        ];
+        for f in filters {
+            let s = set(&[f]);
+            for t in topics {
+                assert_eq!(
+                    s.matches(t),
+                    crate::topic::matches(f, t),
+                    "filter {f:?} topic {t:?}"
+                );
+            }
+        }
+        // Any of many.
+        let s = set(&filters);
+        for t in topics {
+            let any = filters.iter().any(|f| crate::topic::matches(f, t));
+            assert_eq!(s.matches(t), any, "topic {t:?}");
+        }
+    }
+}
