@@ -1,6 +1,7 @@
 //! Protocol edges of issue #12, black box over real sockets with exact bytes: packets that must
 //! fit the client's Maximum Packet Size (CONNACK above all), UTF-8 strings that must close the
-//! connection wherever they appear, and a takeover of a session that ended with its connection.
+//! connection wherever they appear, a takeover of a session that ended with its connection, and
+//! a server close that reaches a client still sending (no reset).
 mod common;
 
 use std::time::Duration;
@@ -8,9 +9,15 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::*;
 use tether::codec;
-use tether::packet::{ConnAck, Packet, ProtocolVersion, Publish, QoS, ReasonCode};
+use tether::connection::LINGER;
+use tether::packet::{ConnAck, Connect, Packet, ProtocolVersion, Publish, QoS, ReasonCode};
 use tether::stats::Stats;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// Short window for "nothing (more) arrives".
 const QUIET: Duration = Duration::from_millis(300);
@@ -626,5 +633,263 @@ async fn cross_version_takeover_of_a_connection_bound_session_does_not_resume_it
     );
     p.send(&publish("tkx5/t", 0, 0, false, false, b"x")).await;
     bc.expect_silence(QUIET).await;
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A server close reaches a client that is still sending (lingering close)
+// ---------------------------------------------------------------------------------------------
+
+/// A plain TCP connection whose CONNECT (`connect`, encoded for `version`) was accepted, split
+/// so one task can keep writing while the test reads.
+async fn split_client(b: &TestBroker, version: ProtocolVersion, connect: Packet) -> Split {
+    let tcp = TcpStream::connect(b.addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let (r, mut w) = tcp.into_split();
+    w.write_all(&encode(&connect, version))
+        .await
+        .expect("write");
+    let mut s = Split {
+        r,
+        w: Some(w),
+        buf: BytesMut::new(),
+        version,
+    };
+    match s.next().await {
+        Ok(Some(Packet::ConnAck(a))) if a.reason == ReasonCode::SUCCESS => s,
+        other => panic!("expected a successful CONNACK, got {other:?}"),
+    }
+}
+
+fn encode(p: &Packet, version: ProtocolVersion) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    codec::encode(p, version, None, &mut out).expect("encode");
+    out.to_vec()
+}
+
+/// The read half of a split client, decoding what the broker sends.
+struct Split {
+    r: OwnedReadHalf,
+    w: Option<OwnedWriteHalf>,
+    buf: BytesMut,
+    version: ProtocolVersion,
+}
+
+impl Split {
+    /// The next packet; `Ok(None)` on a clean EOF, `Err` on a socket error such as a reset.
+    /// Fails the test after `WAIT`.
+    async fn next(&mut self) -> Result<Option<Packet>, std::io::ErrorKind> {
+        loop {
+            if let Some(p) =
+                codec::decode(&mut self.buf, Some(self.version), usize::MAX).expect("decodable")
+            {
+                return Ok(Some(p));
+            }
+            match tokio::time::timeout(WAIT, self.r.read_buf(&mut self.buf)).await {
+                Err(_) => panic!("neither a packet nor the close within {WAIT:?}"),
+                Ok(Ok(0)) => {
+                    assert!(self.buf.is_empty(), "EOF inside a packet: {:?}", self.buf);
+                    return Ok(None);
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.kind()),
+            }
+        }
+    }
+
+    /// Every packet until the connection ends, and how it ended (`None` = clean EOF).
+    async fn until_end(&mut self) -> (Vec<Packet>, Option<std::io::ErrorKind>) {
+        let mut got = Vec::new();
+        loop {
+            match self.next().await {
+                Ok(Some(p)) => got.push(p),
+                Ok(None) => return (got, None),
+                Err(e) => return (got, Some(e)),
+            }
+        }
+    }
+
+    /// Start writing `first`, then `filler` again and again, until `stop` fires (or its sender
+    /// is dropped) or a write fails: the task returns the failure and when it happened.
+    fn keep_writing(
+        &mut self,
+        first: Vec<u8>,
+        filler: Vec<u8>,
+        mut stop: oneshot::Receiver<()>,
+    ) -> JoinHandle<Option<(std::io::ErrorKind, Instant)>> {
+        let mut w = self.w.take().expect("write half");
+        tokio::spawn(async move {
+            if let Err(e) = w.write_all(&first).await {
+                return Some((e.kind(), Instant::now()));
+            }
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return None,
+                    r = w.write_all(&filler) => if let Err(e) = r {
+                        return Some((e.kind(), Instant::now()));
+                    },
+                }
+            }
+        })
+    }
+}
+
+/// About 64 KiB of QoS 0 PUBLISHes to a topic nobody subscribes to: what a busy client keeps
+/// sending after the packet that gets it disconnected.
+fn filler(version: ProtocolVersion) -> Vec<u8> {
+    let p = Packet::Publish(v5_publish("linger/fill", QoS::AtMostOnce, 0, &[b'f'; 1000]));
+    encode(&p, version).repeat(64)
+}
+
+/// 65 QoS 2 PUBLISHes without PUBREL: one more than Receive Maximum 64 (`max_inbound_inflight`).
+fn receive_maximum_plus_one() -> Vec<u8> {
+    (1..=65u16)
+        .flat_map(|id| {
+            let p = v5_publish("linger/q2", QoS::ExactlyOnce, id, b"x");
+            encode(&Packet::Publish(p), ProtocolVersion::V5)
+        })
+        .collect()
+}
+
+/// What a v5 client must read after `receive_maximum_plus_one`: PUBREC for the first 64, then
+/// DISCONNECT 0x93, then a clean EOF.
+fn assert_receive_maximum_exceeded(
+    attempt: usize,
+    got: &[Packet],
+    end: Option<std::io::ErrorKind>,
+) {
+    let disconnect = got.iter().find_map(|p| match p {
+        Packet::Disconnect(d) => Some(d.reason),
+        _ => None,
+    });
+    assert_eq!(
+        disconnect,
+        Some(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED),
+        "attempt {attempt}: no DISCONNECT 0x93 ({} packets, then {end:?})",
+        got.len()
+    );
+    let pubrecs = got
+        .iter()
+        .filter(|p| matches!(p, Packet::PubRec(_)))
+        .count();
+    assert_eq!(pubrecs, 64, "attempt {attempt}");
+    assert!(
+        matches!(got.last(), Some(Packet::Disconnect(_))),
+        "attempt {attempt}: nothing may follow DISCONNECT [MQTT-3.14.4-1]"
+    );
+    assert_eq!(
+        end, None,
+        "attempt {attempt}: the close after DISCONNECT must be an orderly EOF"
+    );
+}
+
+/// [MQTT-3.3.4-7, MQTT-3.14.4-1, MQTT-3.14.4-2, MQTT-4.13.2-1]: a v5 client that sends 65 QoS 2
+/// PUBLISHes against Receive Maximum 64 and keeps on writing reads DISCONNECT 0x93 and then an
+/// orderly EOF, and its writes keep succeeding until then: the broker ends its output and reads
+/// what the client still sends before it closes. Closing with unread input would send a reset,
+/// which fails the client's next write (a client that writes before it reads never sees the
+/// DISCONNECT) and drops whatever the broker had not transmitted yet. A hundred times in a row,
+/// each on a fresh connection, because the reset is a race the client loses only sometimes.
+#[tokio::test]
+async fn v5_disconnect_0x93_reaches_a_client_that_keeps_writing_mqtt_3_14_4_2() {
+    let b = TestBroker::start().await;
+    let (first, filler) = (receive_maximum_plus_one(), filler(ProtocolVersion::V5));
+    for attempt in 0..100 {
+        let id = format!("linger5-{attempt}");
+        let connect = Packet::Connect(Box::new(v5_connect(&id, true)));
+        let mut c = split_client(&b, ProtocolVersion::V5, connect).await;
+        let (stop, stopped) = oneshot::channel();
+        let writer = c.keep_writing(first.clone(), filler.clone(), stopped);
+        let (got, end) = c.until_end().await;
+        let _ = stop.send(());
+        let write_failed = writer.await.expect("writer task");
+        assert_eq!(
+            write_failed.map(|(kind, _)| kind),
+            None,
+            "attempt {attempt}: the client's writes failed before it had read everything \
+             (a reset: what a client that writes before it reads sees as broken pipe)"
+        );
+        assert_receive_maximum_exceeded(attempt, &got, end);
+    }
+    b.stop().await;
+}
+
+/// [MQTT-4.8.0-1, MQTT-3.3.2-2]: a 3.1.1 client that breaks the protocol (a wildcard in a
+/// PUBLISH topic) while it keeps writing is closed with an orderly EOF, after every PUBACK the
+/// broker owed it, not with a reset that would discard them.
+#[tokio::test]
+async fn v311_violation_closes_with_eof_for_a_client_that_keeps_writing_mqtt_4_8_0_1() {
+    let b = TestBroker::start().await;
+    let mut first: Vec<u8> = (1..=10u16)
+        .flat_map(|id| publish("linger/q1", 1, id, false, false, b"x"))
+        .collect();
+    first.extend(publish("linger/+", 0, 0, false, false, b"bad"));
+    let filler = filler(ProtocolVersion::V311);
+    for attempt in 0..100 {
+        let connect = Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V311,
+            ..v5_connect(&format!("linger4-{attempt}"), true)
+        }));
+        let mut c = split_client(&b, ProtocolVersion::V311, connect).await;
+        let (stop, stopped) = oneshot::channel();
+        let writer = c.keep_writing(first.clone(), filler.clone(), stopped);
+        let (got, end) = c.until_end().await;
+        let _ = stop.send(());
+        let write_failed = writer.await.expect("writer task");
+        assert_eq!(
+            write_failed.map(|(kind, _)| kind),
+            None,
+            "attempt {attempt}: the client's writes failed before it had read everything \
+             (a reset: what a client that writes before it reads sees as broken pipe)"
+        );
+        let pubacks: Vec<u16> = got
+            .iter()
+            .map(|p| match p {
+                Packet::PubAck(a) => a.packet_id,
+                other => panic!("attempt {attempt}: expected only PUBACKs, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(pubacks, (1..=10).collect::<Vec<_>>(), "attempt {attempt}");
+        assert_eq!(end, None, "attempt {attempt}: orderly EOF, not a reset");
+    }
+    b.stop().await;
+}
+
+/// The lingering close is bounded: a client that never stops writing and never closes after
+/// its DISCONNECT 0x93 still holds a connection slot for a while (the broker reads and discards
+/// its input), then is cut off `LINGER` (2 s) later, and the connection no longer counts.
+#[tokio::test]
+async fn a_client_that_never_stops_writing_is_cut_off_after_the_linger_bound() {
+    let b = TestBroker::start().await;
+    let connect = Packet::Connect(Box::new(v5_connect("linger-hog", true)));
+    let mut c = split_client(&b, ProtocolVersion::V5, connect).await;
+    let (_never, stopped) = oneshot::channel();
+    let writer = c.keep_writing(
+        receive_maximum_plus_one(),
+        filler(ProtocolVersion::V5),
+        stopped,
+    );
+    let (got, end) = c.until_end().await;
+    let disconnected = Instant::now();
+    assert_receive_maximum_exceeded(0, &got, end);
+    assert_eq!(
+        Stats::get(&b.broker.stats.connections_current),
+        1,
+        "the lingering connection still counts against the connection limit"
+    );
+    let (kind, at) = tokio::time::timeout(LINGER + WAIT, writer)
+        .await
+        .expect("the broker never cut the writer off")
+        .expect("writer task")
+        .expect("a write fails once the broker closes");
+    let lingered = at - disconnected;
+    assert!(
+        lingered >= LINGER - Duration::from_millis(500) && lingered < LINGER + WAIT,
+        "cut off {lingered:?} after the DISCONNECT ({kind:?})"
+    );
+    eventually("the connection no longer counts", || {
+        Stats::get(&b.broker.stats.connections_current) == 0
+    })
+    .await;
     b.stop().await;
 }
