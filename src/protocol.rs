@@ -456,7 +456,8 @@ impl Conn {
             match s.begin_inbound_qos2(packet_id, max) {
                 InboundQos2::New => {}
                 InboundQos2::Duplicate => {
-                    // Already routed once: acknowledge again, deliver nothing.
+                    // Already routed once: acknowledge again, deliver nothing. Whether it
+                    // matched anyone was not kept; 0x00 is as true a success as 0x10.
                     self.send(&Packet::PubRec(Ack::new(packet_id)));
                     return Ok(());
                 }
@@ -473,7 +474,7 @@ impl Conn {
             .message_expiry_interval
             .map(|secs| now + Duration::from_secs(u64::from(secs)));
         let qos = p.qos;
-        self.broker.publish_into(
+        let matched = self.broker.publish_into(
             Message {
                 topic: p.topic,
                 payload: p.payload,
@@ -488,13 +489,23 @@ impl Conn {
         );
         // Never wait for our own queue: it drains only once we read the client's acks.
         self.blocked.retain(|m| !Arc::ptr_eq(m, &s.mailbox));
+        // v5 lets the server say nobody got it (0x10, still a success: a retained message is
+        // stored all the same and a QoS 2 flow goes on to PUBREL); Mosquitto says so too.
+        let ack = Ack {
+            reason: if matched == 0 && self.protocol.is_v5() {
+                ReasonCode::NO_MATCHING_SUBSCRIBERS
+            } else {
+                ReasonCode::SUCCESS
+            },
+            ..Ack::new(packet_id)
+        };
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
-                self.send(&Packet::PubAck(Ack::new(packet_id)));
+                self.send(&Packet::PubAck(ack));
             }
             QoS::ExactlyOnce => {
-                self.send(&Packet::PubRec(Ack::new(packet_id)));
+                self.send(&Packet::PubRec(ack));
             }
         }
         Ok(())

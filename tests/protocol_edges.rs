@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use common::*;
 use tether::codec;
 use tether::connection::LINGER;
-use tether::packet::{ConnAck, Connect, Packet, ProtocolVersion, Publish, QoS, ReasonCode};
+use tether::packet::{Ack, ConnAck, Connect, Packet, ProtocolVersion, Publish, QoS, ReasonCode};
 use tether::stats::Stats;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -891,5 +891,135 @@ async fn a_client_that_never_stops_writing_is_cut_off_after_the_linger_bound() {
         Stats::get(&b.broker.stats.connections_current) == 0
     })
     .await;
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. PUBACK / PUBREC 0x10 No matching subscribers
+// ---------------------------------------------------------------------------------------------
+
+/// The packet id and reason code of the next packet, which must be a PUBACK or PUBREC.
+async fn ack_of(c: &mut Raw) -> (&'static str, u16, ReasonCode) {
+    match c.recv_packet().await {
+        Packet::PubAck(a) => ("PUBACK", a.packet_id, a.reason),
+        Packet::PubRec(a) => ("PUBREC", a.packet_id, a.reason),
+        other => panic!("expected PUBACK or PUBREC, got {other:?}"),
+    }
+}
+
+fn v5_pub(topic: &str, qos: QoS, packet_id: u16, retain: bool) -> Packet {
+    Packet::Publish(Publish {
+        retain,
+        ..v5_publish(topic, qos, packet_id, b"m")
+    })
+}
+
+/// Section 3.4.2.1 (0x10 No matching subscribers: "If the Server knows that there are no
+/// matching subscribers, it MAY use this Reason Code instead of 0x00"), [MQTT-3.4.2-1]: a v5
+/// QoS 1 PUBLISH that matches no subscription gets PUBACK 0x10; once a subscription matches,
+/// 0x00 and the message is delivered.
+#[tokio::test]
+async fn v5_qos1_publish_without_subscribers_gets_puback_0x10_mqtt_3_4_2_1() {
+    let b = TestBroker::start().await;
+    let mut p = b.v5_client(v5_connect("nms-pub", true), false).await;
+    p.send_packet(&v5_pub("nms/t", QoS::AtLeastOnce, 1, false))
+        .await;
+    assert_eq!(
+        ack_of(&mut p).await,
+        ("PUBACK", 1, ReasonCode::NO_MATCHING_SUBSCRIBERS)
+    );
+
+    let mut s = b.v5_client(v5_connect("nms-sub", true), false).await;
+    s.sub_v5(1, "nms/#", QoS::AtLeastOnce).await;
+    p.send_packet(&v5_pub("nms/t", QoS::AtLeastOnce, 2, false))
+        .await;
+    assert_eq!(ack_of(&mut p).await, ("PUBACK", 2, ReasonCode::SUCCESS));
+    assert_eq!(s.recv_publish().await.topic, "nms/t");
+    b.stop().await;
+}
+
+/// [MQTT-3.5.2-1, MQTT-4.3.3-4, MQTT-4.3.3-11]: the same for QoS 2. PUBREC 0x10 is below 0x80,
+/// so the flow goes on: PUBREL gets PUBCOMP 0x00. With a matching subscription PUBREC is 0x00.
+#[tokio::test]
+async fn v5_qos2_publish_without_subscribers_gets_pubrec_0x10_and_completes_mqtt_3_5_2_1() {
+    let b = TestBroker::start().await;
+    let mut p = b.v5_client(v5_connect("nms2-pub", true), false).await;
+    p.send_packet(&v5_pub("nms2/t", QoS::ExactlyOnce, 7, false))
+        .await;
+    assert_eq!(
+        ack_of(&mut p).await,
+        ("PUBREC", 7, ReasonCode::NO_MATCHING_SUBSCRIBERS)
+    );
+    p.send_packet(&Packet::PubRel(Ack::new(7))).await;
+    match p.recv_packet().await {
+        Packet::PubComp(a) => assert_eq!((a.packet_id, a.reason), (7, ReasonCode::SUCCESS)),
+        other => panic!("expected PUBCOMP, got {other:?}"),
+    }
+
+    let mut s = b.v5_client(v5_connect("nms2-sub", true), false).await;
+    s.sub_v5(1, "nms2/t", QoS::ExactlyOnce).await;
+    p.send_packet(&v5_pub("nms2/t", QoS::ExactlyOnce, 8, false))
+        .await;
+    assert_eq!(ack_of(&mut p).await, ("PUBREC", 8, ReasonCode::SUCCESS));
+    p.send_packet(&Packet::PubRel(Ack::new(8))).await;
+    assert!(matches!(p.recv_packet().await, Packet::PubComp(a) if a.packet_id == 8));
+    assert_eq!(s.recv_publish().await.topic, "nms2/t");
+    b.stop().await;
+}
+
+/// [MQTT-3.3.1-5]: 0x10 says only that nobody got the message now: a retained QoS 1 PUBLISH
+/// without subscribers gets PUBACK 0x10 and is still stored for later subscribers.
+#[tokio::test]
+async fn v5_retained_publish_without_subscribers_gets_0x10_and_is_still_retained_mqtt_3_3_1_5() {
+    let b = TestBroker::start().await;
+    let mut p = b.v5_client(v5_connect("nmr-pub", true), false).await;
+    p.send_packet(&v5_pub("nmr/t", QoS::AtLeastOnce, 1, true))
+        .await;
+    assert_eq!(
+        ack_of(&mut p).await,
+        ("PUBACK", 1, ReasonCode::NO_MATCHING_SUBSCRIBERS)
+    );
+    let mut s = b.v5_client(v5_connect("nmr-sub", true), false).await;
+    s.sub_v5(1, "nmr/#", QoS::AtLeastOnce).await;
+    let m = s.recv_publish().await;
+    assert_eq!((m.topic.as_str(), m.retain), ("nmr/t", true));
+    b.stop().await;
+}
+
+/// A subscriber whose queue is full still matches: the message is dropped for it (and
+/// counted), but the publisher hears 0x00, not 0x10. The subscriber here is an offline
+/// session with room for one queued message.
+#[tokio::test]
+async fn v5_a_match_with_a_full_queue_is_still_a_matching_subscriber() {
+    let mut config = tether::config::Config::default();
+    config.session.max_queued_messages = 1;
+    let b = TestBroker::with_config(config).await;
+    let mut s = v5_session(b.addr, "nmf-sub", true, 60, false).await;
+    s.sub_v5(1, "nmf/t", QoS::AtLeastOnce).await;
+    s.disconnect_v5(ReasonCode::SUCCESS, None).await;
+    b.wait_offline("nmf-sub").await;
+
+    let mut p = b.v5_client(v5_connect("nmf-pub", true), false).await;
+    for id in 1..=2 {
+        p.send_packet(&v5_pub("nmf/t", QoS::AtLeastOnce, id, false))
+            .await;
+        assert_eq!(ack_of(&mut p).await, ("PUBACK", id, ReasonCode::SUCCESS));
+    }
+    assert_eq!(Stats::get(&b.broker.stats.dropped_queue_full), 1);
+    b.stop().await;
+}
+
+/// 3.1.1 PUBACK and PUBREC carry only the packet id (sections 3.4 and 3.5): a QoS 1 or QoS 2
+/// PUBLISH nobody subscribes to gets the plain acknowledgement, and QoS 2 completes.
+#[tokio::test]
+async fn v311_publish_without_subscribers_gets_the_plain_acknowledgement() {
+    let b = TestBroker::start().await;
+    let mut p = v311_client(&b, "nms4-pub").await;
+    p.send(&publish("nms4/t", 1, 1, false, false, b"m")).await;
+    p.expect_bytes(&ack(0x40, 1)).await;
+    p.send(&publish("nms4/t", 2, 2, false, false, b"m")).await;
+    p.expect_bytes(&ack(0x50, 2)).await;
+    p.send(&ack(0x62, 2)).await;
+    p.expect_bytes(&ack(0x70, 2)).await;
     b.stop().await;
 }
