@@ -11,6 +11,7 @@ use common::*;
 use tether::codec;
 use tether::connection::LINGER;
 use tether::packet::{Ack, ConnAck, Connect, Packet, ProtocolVersion, Publish, QoS, ReasonCode};
+use tether::protocol::MAX_OUTBOUND_ALIASES;
 use tether::stats::Stats;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -1021,5 +1022,242 @@ async fn v311_publish_without_subscribers_gets_the_plain_acknowledgement() {
     p.expect_bytes(&ack(0x50, 2)).await;
     p.send(&ack(0x62, 2)).await;
     p.expect_bytes(&ack(0x70, 2)).await;
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Outbound topic aliases
+// ---------------------------------------------------------------------------------------------
+
+/// What a client does with an incoming PUBLISH's topic alias (section 3.3.2.3.4): topic + alias
+/// (re)maps the alias, an empty topic + alias uses the mapping. Returns the topic and whether
+/// it came from the alias alone; fails on an alias outside 1..=`max` [MQTT-3.3.2-8,
+/// MQTT-3.3.2-11] or one never mapped.
+fn resolve(
+    map: &mut std::collections::HashMap<u16, String>,
+    max: u16,
+    p: &Publish,
+) -> (String, bool) {
+    let Some(alias) = p.properties.topic_alias else {
+        assert!(!p.topic.is_empty(), "empty topic without alias: {p:?}");
+        return (p.topic.clone(), false);
+    };
+    assert!(
+        (1..=max).contains(&alias),
+        "alias {alias} outside 1..={max}"
+    );
+    if p.topic.is_empty() {
+        let topic = map.get(&alias).expect("alias used before it was mapped");
+        (topic.clone(), true)
+    } else {
+        map.insert(alias, p.topic.clone());
+        (p.topic.clone(), false)
+    }
+}
+
+/// A v5 client announcing Topic Alias Maximum `max`, subscribed to `filter` at QoS 0.
+async fn alias_subscriber(b: &TestBroker, id: &str, max: Option<u16>, filter: &str) -> Raw {
+    let mut connect = v5_connect(id, true);
+    connect.properties.topic_alias_maximum = max;
+    let mut c = b.v5_client(connect, false).await;
+    c.sub_v5(1, filter, QoS::AtMostOnce).await;
+    c
+}
+
+/// Publish one QoS 1 message per topic, in order, each acknowledged before the next.
+async fn publish_all(b: &TestBroker, id: &str, topics: &[&str]) {
+    let mut p = b.v5_client(v5_connect(id, true), false).await;
+    for (i, t) in topics.iter().enumerate() {
+        p.pub1_v5(v5_publish(t, QoS::AtLeastOnce, i as u16 + 1, b"m"))
+            .await;
+    }
+}
+
+/// [MQTT-3.3.2-11, MQTT-3.1.2-27]: by default, a client that announced Topic Alias Maximum 5
+/// gets topic + alias on the first PUBLISH of a topic and an empty topic + the same alias on the
+/// next; a client that announced none gets full topics and no alias.
+#[tokio::test]
+async fn v5_outbound_topic_aliases_are_on_by_default_mqtt_3_3_2_11() {
+    let b = TestBroker::start().await;
+    let mut sub = alias_subscriber(&b, "oad-sub", Some(5), "oad/#").await;
+    let mut plain = alias_subscriber(&b, "oad-plain", None, "oad/#").await;
+    publish_all(&b, "oad-pub", &["oad/t", "oad/t"]).await;
+
+    let first = sub.recv_publish().await;
+    let alias = first
+        .properties
+        .topic_alias
+        .expect("the first PUBLISH maps an alias");
+    assert!((1..=5).contains(&alias), "alias {alias}");
+    assert_eq!(first.topic, "oad/t");
+    let second = sub.recv_publish().await;
+    assert_eq!(
+        (second.topic.as_str(), second.properties.topic_alias),
+        ("", Some(alias))
+    );
+    for _ in 0..2 {
+        let m = plain.recv_publish().await;
+        assert_eq!(
+            (m.topic.as_str(), m.properties.topic_alias),
+            ("oad/t", None)
+        );
+    }
+    b.stop().await;
+}
+
+/// `listener.outbound_topic_aliases = false` turns them off even for a client that accepts
+/// them.
+#[tokio::test]
+async fn v5_outbound_topic_aliases_can_be_turned_off() {
+    let mut config = tether::config::Config::default();
+    config.listener.outbound_topic_aliases = false;
+    let b = TestBroker::with_config(config).await;
+    let mut sub = alias_subscriber(&b, "oaf-sub", Some(5), "oaf/#").await;
+    publish_all(&b, "oaf-pub", &["oaf/t", "oaf/t"]).await;
+    for _ in 0..2 {
+        let m = sub.recv_publish().await;
+        assert_eq!(
+            (m.topic.as_str(), m.properties.topic_alias),
+            ("oaf/t", None)
+        );
+    }
+    b.stop().await;
+}
+
+/// [MQTT-3.1.2-25, MQTT-3.3.2-11]: a PUBLISH dropped because it exceeds the client's Maximum
+/// Packet Size never reached the client, so the alias it would have mapped is not relied on:
+/// the next PUBLISH of that topic carries the topic again.
+#[tokio::test]
+async fn v5_an_outbound_alias_is_not_relied_on_when_its_publish_was_dropped() {
+    let b = TestBroker::start().await;
+    let mut connect = v5_connect("oab-sub", true);
+    connect.properties.topic_alias_maximum = Some(5);
+    connect.properties.maximum_packet_size = Some(40);
+    let mut sub = b.v5_client(connect, false).await;
+    sub.sub_v5(1, "oab/#", QoS::AtMostOnce).await;
+    let mut p = b.v5_client(v5_connect("oab-pub", true), false).await;
+    p.pub1_v5(v5_publish("oab/t", QoS::AtLeastOnce, 1, &[b'x'; 64]))
+        .await;
+    for id in 2..=3 {
+        p.pub1_v5(v5_publish("oab/t", QoS::AtLeastOnce, id, b"ok"))
+            .await;
+    }
+    let mut map = std::collections::HashMap::new();
+    let first = sub.recv_publish().await;
+    assert_eq!(&first.payload[..], b"ok");
+    assert_eq!(
+        resolve(&mut map, 5, &first),
+        ("oab/t".to_string(), false),
+        "{first:?}"
+    );
+    assert!(first.properties.topic_alias.is_some());
+    let second = sub.recv_publish().await;
+    assert_eq!(resolve(&mut map, 5, &second), ("oab/t".to_string(), true));
+    assert_eq!(Stats::get(&b.broker.stats.dropped_too_large), 1);
+    b.stop().await;
+}
+
+/// [MQTT-3.3.2-7]: aliases belong to one network connection. A persistent session's
+/// unacknowledged messages, resent on the next connection, carry their topic, and the first new
+/// PUBLISH of that topic maps an alias afresh.
+#[tokio::test]
+async fn v5_outbound_aliases_start_fresh_on_each_connection_mqtt_3_3_2_7() {
+    let b = TestBroker::start().await;
+    let connect = |clean| {
+        let mut c = v5_connect_expiry("oac-sub", clean, Some(60));
+        c.properties.topic_alias_maximum = Some(5);
+        c
+    };
+    let mut sub = b.v5_client(connect(true), false).await;
+    sub.sub_v5(1, "oac/t", QoS::AtLeastOnce).await;
+    let mut p = b.v5_client(v5_connect("oac-pub", true), false).await;
+    for id in 1..=2 {
+        p.pub1_v5(v5_publish("oac/t", QoS::AtLeastOnce, id, b"old"))
+            .await;
+    }
+    let mut map = std::collections::HashMap::new();
+    for alias_only in [false, true] {
+        let m = sub.recv_publish().await;
+        assert_eq!(resolve(&mut map, 5, &m), ("oac/t".to_string(), alias_only));
+    }
+    // Neither is acknowledged: both are resent on the next connection.
+    drop(sub);
+    b.wait_offline("oac-sub").await;
+
+    let mut sub = b.v5_client(connect(false), true).await;
+    let mut map = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let m = sub.recv_publish().await;
+        assert!(m.dup, "{m:?}");
+        assert_eq!(resolve(&mut map, 5, &m), ("oac/t".to_string(), false));
+        sub.send_packet(&Packet::PubAck(Ack::new(m.packet_id)))
+            .await;
+    }
+    p.pub1_v5(v5_publish("oac/t", QoS::AtLeastOnce, 3, b"new"))
+        .await;
+    let m = sub.recv_publish().await;
+    assert_eq!(resolve(&mut map, 5, &m), ("oac/t".to_string(), false));
+    assert!(m.properties.topic_alias.is_some(), "{m:?}");
+    b.stop().await;
+}
+
+/// Section 3.3.2.3.4 (a sender may change a mapping by sending the topic with an alias already
+/// used): with Topic Alias Maximum 2 and a third topic, the least recently used alias is
+/// reassigned; the topic used more recently keeps its alias.
+#[tokio::test]
+async fn v5_outbound_aliases_reassign_the_least_recently_used_one() {
+    let b = TestBroker::start().await;
+    let mut sub = alias_subscriber(&b, "oal-sub", Some(2), "oal/#").await;
+    let sent = [
+        "oal/a", "oal/b", "oal/a", "oal/c", "oal/a", "oal/b", "oal/b",
+    ];
+    publish_all(&b, "oal-pub", &sent).await;
+    // (topic, from the alias alone, carries an alias)
+    let want = [
+        ("oal/a", false, true),
+        ("oal/b", false, true),
+        ("oal/a", true, true),
+        ("oal/c", false, true), // b's alias, least recently used, now means oal/c
+        ("oal/a", true, true),
+        ("oal/b", false, true), // c's alias (a was used after c)
+        ("oal/b", true, true),
+    ];
+    let mut map = std::collections::HashMap::new();
+    for (i, (topic, alias_only, aliased)) in want.into_iter().enumerate() {
+        let m = sub.recv_publish().await;
+        let got = resolve(&mut map, 2, &m);
+        assert_eq!(
+            (got.0.as_str(), got.1, m.properties.topic_alias.is_some()),
+            (topic, alias_only, aliased),
+            "PUBLISH {i}: {m:?}"
+        );
+    }
+    b.stop().await;
+}
+
+/// However many aliases the client accepts, one connection uses at most
+/// `MAX_OUTBOUND_ALIASES` (64), each holding a topic name in memory: the 65th topic takes over
+/// the least recently used alias, so the first topic, when it comes again, carries its topic.
+#[tokio::test]
+async fn v5_outbound_aliases_are_capped_per_connection() {
+    let b = TestBroker::start().await;
+    let mut sub = alias_subscriber(&b, "oam-sub", Some(1000), "oam/#").await;
+    let mut topics: Vec<String> = (1..=65).map(|i| format!("oam/{i}")).collect();
+    topics.push("oam/1".into());
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    publish_all(&b, "oam-pub", &refs).await;
+    let max = MAX_OUTBOUND_ALIASES;
+    let mut map = std::collections::HashMap::new();
+    let mut aliases = Vec::new();
+    for t in &topics {
+        let m = sub.recv_publish().await;
+        assert_eq!(resolve(&mut map, max, &m), (t.clone(), false), "{m:?}");
+        aliases.push(m.properties.topic_alias.expect("every topic gets an alias"));
+    }
+    assert_eq!(aliases[64], aliases[0], "oam/65 takes over oam/1's alias");
+    assert_ne!(
+        aliases[65], aliases[64],
+        "oam/1 comes back under another alias"
+    );
     b.stop().await;
 }
