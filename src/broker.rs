@@ -158,7 +158,8 @@ impl Broker {
     }
 
     /// Publish an application message: update the retained store if it is retained, then queue
-    /// it for every matching session. Returns the number of sessions it was queued for.
+    /// it for every matching session. Returns the number of matching sessions, counting those
+    /// whose queue limits dropped it (see `Router::route`): 0 means no subscriber at all.
     pub fn publish(&self, msg: Message) -> usize {
         self.publish_into(msg, None)
     }

@@ -35,6 +35,11 @@ use crate::transport::{Endpoint, HandshakeError, Io, Stream};
 
 /// How long a closing connection may spend flushing its last bytes (a final DISCONNECT, acks).
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a closing connection keeps reading, and discarding, what the client still sends
+/// after the server's last bytes. Closing a socket with unread input makes the kernel send a
+/// reset, which fails the client's next write and can discard the final DISCONNECT still on its
+/// way; bounded so a client that never stops writing cannot hold the connection slot.
+pub const LINGER: Duration = Duration::from_secs(2);
 /// Pause between two claims of a Client ID whose takeover is already in progress.
 const BUSY_RETRY: Duration = Duration::from_millis(5);
 /// Read buffer growth step.
@@ -129,6 +134,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
                 let mut out = BytesMut::new();
                 let _ = codec::encode(&ack, ProtocolVersion::V311, None, &mut out);
                 let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&out)).await;
+                linger_close(&mut stream, &mut shutdown).await;
                 return;
             }
             Ok(Err(ConnectError::Decode(e))) => {
@@ -137,7 +143,9 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
                 // v5 may say why before closing (section 4.13); 3.1.1 just closes
                 // [MQTT-3.1.4-1].
                 if codec::connect_version(&inbuf).is_some_and(|v| v.is_v5()) {
-                    refuse(&mut stream, ProtocolVersion::V5, e.reason_code()).await;
+                    refuse(&mut stream, ProtocolVersion::V5, e.reason_code(), &mut shutdown).await;
+                } else {
+                    linger_close(&mut stream, &mut shutdown).await;
                 }
                 return;
             }
@@ -155,6 +163,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             &mut stream,
             protocol,
             ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+            &mut shutdown,
         )
         .await;
         return;
@@ -165,14 +174,28 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             warn!(topic = %will.topic, "invalid will topic");
             Stats::incr(&broker.stats.protocol_errors);
             if protocol.is_v5() {
-                refuse(&mut stream, protocol, ReasonCode::TOPIC_NAME_INVALID).await;
+                refuse(
+                    &mut stream,
+                    protocol,
+                    ReasonCode::TOPIC_NAME_INVALID,
+                    &mut shutdown,
+                )
+                .await;
+            } else {
+                linger_close(&mut stream, &mut shutdown).await;
             }
             return;
         }
     }
     if protocol.is_v5() && connect.properties.authentication_method.is_some() {
         // Enhanced authentication is not offered.
-        refuse(&mut stream, protocol, ReasonCode::BAD_AUTHENTICATION_METHOD).await;
+        refuse(
+            &mut stream,
+            protocol,
+            ReasonCode::BAD_AUTHENTICATION_METHOD,
+            &mut shutdown,
+        )
+        .await;
         return;
     }
 
@@ -201,7 +224,13 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     };
     let Ok(verdict) = verdict else {
         warn!("password check not done within the CONNECT timeout; refusing");
-        refuse(&mut stream, protocol, ReasonCode::SERVER_UNAVAILABLE).await;
+        refuse(
+            &mut stream,
+            protocol,
+            ReasonCode::SERVER_UNAVAILABLE,
+            &mut shutdown,
+        )
+        .await;
         return;
     };
     // A name nobody checked is not an identity: without a password file (and no
@@ -224,7 +253,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     };
     if let Some(reason) = refused {
         warn!(username = ?username, ?verdict, "authentication failed; refusing");
-        refuse(&mut stream, protocol, reason).await;
+        refuse(&mut stream, protocol, reason, &mut shutdown).await;
         return;
     }
     let acl_generation = broker.auth.acl_generation();
@@ -234,7 +263,13 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
         if !acl.can_publish(&will.topic) {
             Stats::incr(&broker.stats.auth_not_authorized);
             warn!(topic = %will.topic, "will topic not allowed by the ACL; refusing");
-            refuse(&mut stream, protocol, ReasonCode::NOT_AUTHORIZED).await;
+            refuse(
+                &mut stream,
+                protocol,
+                ReasonCode::NOT_AUTHORIZED,
+                &mut shutdown,
+            )
+            .await;
             return;
         }
     }
@@ -246,7 +281,32 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
         && session_expiry(&connect, broker).0 > 0
     {
         warn!("store not writable; refusing a persistent session until it is");
-        refuse(&mut stream, protocol, ReasonCode::SERVER_UNAVAILABLE).await;
+        refuse(
+            &mut stream,
+            protocol,
+            ReasonCode::SERVER_UNAVAILABLE,
+            &mut shutdown,
+        )
+        .await;
+        return;
+    }
+
+    let (keep_alive, keep_alive_overridden) = keep_alive(&connect, broker);
+    if keep_alive_overridden && !protocol.is_v5() {
+        // 3.1.1 has no way to tell the client a different keep-alive: refuse it, as
+        // Mosquitto does with max_keepalive. Before the claim: a refused client must not
+        // take over (and lose) the session of its Client ID.
+        info!(
+            keep_alive = connect.keep_alive,
+            "keep-alive above listener.max_keep_alive_secs"
+        );
+        refuse(
+            &mut stream,
+            protocol,
+            ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+            &mut shutdown,
+        )
+        .await;
         return;
     }
 
@@ -261,34 +321,30 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             "session limit reached; refusing"
         );
         Stats::incr(&broker.stats.sessions_refused);
-        refuse(&mut stream, protocol, ReasonCode::QUOTA_EXCEEDED).await;
+        refuse(
+            &mut stream,
+            protocol,
+            ReasonCode::QUOTA_EXCEEDED,
+            &mut shutdown,
+        )
+        .await;
         return;
     }
 
     let (control_tx, mut control_rx) = mpsc::channel::<Control>(4);
     let Some((generation, old)) = claim(broker, &client_id, &control_tx).await else {
         warn!("takeover of the existing session did not complete in time; refusing");
-        refuse(&mut stream, protocol, ReasonCode::SERVER_UNAVAILABLE).await;
+        refuse(
+            &mut stream,
+            protocol,
+            ReasonCode::SERVER_UNAVAILABLE,
+            &mut shutdown,
+        )
+        .await;
         return;
     };
 
     let (expiry, expiry_capped) = session_expiry(&connect, broker);
-    let (keep_alive, keep_alive_overridden) = keep_alive(&connect, broker);
-    if keep_alive_overridden && !protocol.is_v5() {
-        // 3.1.1 has no way to tell the client a different keep-alive: refuse it, as
-        // Mosquitto does with max_keepalive.
-        info!(
-            keep_alive = connect.keep_alive,
-            "keep-alive above listener.max_keep_alive_secs"
-        );
-        refuse(
-            &mut stream,
-            protocol,
-            ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
-        )
-        .await;
-        return;
-    }
     // From here on, store appends count for the CONNACK: a discarded old session's
     // SessionEnd must be durable before the client hears Session Present = 0.
     crate::store::take_sync_mark();
@@ -386,7 +442,16 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             "CONNACK exceeds the client's Maximum Packet Size; closing"
         );
         conn.will = None;
-        finish(conn, stream, session, Exit::PeerClosed, control_rx, held).await;
+        finish(
+            conn,
+            stream,
+            session,
+            Exit::PeerClosed,
+            control_rx,
+            held,
+            shutdown,
+        )
+        .await;
         return;
     }
     held.connack_queued(conn.out.len());
@@ -404,7 +469,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     )
     .await;
 
-    finish(conn, stream, session, exit, control_rx, held).await;
+    finish(conn, stream, session, exit, control_rx, held, shutdown).await;
 }
 
 /// Output held back until the store reports durable what it acknowledges: `marks` are
@@ -636,13 +701,52 @@ fn connack(session_present: bool, reason: ReasonCode) -> Packet {
 }
 
 /// Answer CONNECT with a failure CONNACK and close.
-async fn refuse(stream: &mut Stream, protocol: ProtocolVersion, reason: ReasonCode) {
+async fn refuse(
+    stream: &mut Stream,
+    protocol: ProtocolVersion,
+    reason: ReasonCode,
+    shutdown: &mut Shutdown,
+) {
     let mut out = BytesMut::new();
     if codec::encode(&connack(false, reason), protocol, None, &mut out).is_ok() {
         let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&out)).await;
     }
-    // Flush TLS / WebSocket buffers and end them properly (close_notify, a Close frame).
-    let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.shutdown()).await;
+    linger_close(stream, shutdown).await;
+}
+
+/// End the output (FIN; TLS close_notify; a WebSocket Close frame), then read and discard
+/// input until the client closes too, for at most `LINGER`, so what was written reaches the
+/// client rather than being cut off by a reset. Broker shutdown ends the wait at once: the
+/// drain must not wait on clients.
+async fn linger_close(stream: &mut Stream, shutdown: &mut Shutdown) {
+    if !matches!(
+        timeout(CLOSE_FLUSH_TIMEOUT, stream.shutdown()).await,
+        Ok(Ok(()))
+    ) {
+        // The output cannot even be ended: nothing more will reach this client anyway.
+        return;
+    }
+    let deadline = Instant::now() + LINGER;
+    // Allocated only now: idle connections must not carry it.
+    let mut discard = vec![0u8; READ_CHUNK];
+    loop {
+        // `timeout_at` alone would never fire for a client that always has input ready: it
+        // polls the read first.
+        if Instant::now() >= deadline {
+            debug!("client still sending {LINGER:?} after the close; cutting it off");
+            return;
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.recv() => return,
+            r = tokio::time::timeout_at(deadline, stream.read(&mut discard)) => match r {
+                // More input, or the deadline (reported above).
+                Ok(Ok(1..)) | Err(_) => {}
+                // EOF (the client closed too) or a socket error.
+                Ok(_) => return,
+            },
+        }
+    }
 }
 
 async fn main_loop(
@@ -844,6 +948,7 @@ async fn finish(
     exit: Exit,
     mut control_rx: mpsc::Receiver<Control>,
     mut held: Held,
+    mut shutdown: Shutdown,
 ) {
     let broker = conn.broker.clone();
     let now = Instant::now();
@@ -989,5 +1094,7 @@ async fn finish(
     if !conn.out.is_empty() {
         let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&conn.out)).await;
     }
-    let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.shutdown()).await;
+    // The session is parked or handed over already: lingering delays nobody but this task,
+    // which still holds its slot of the listener's connection limit.
+    linger_close(&mut stream, &mut shutdown).await;
 }

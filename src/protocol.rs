@@ -25,6 +25,10 @@ use crate::session::{InboundQos2, Session, Subscription};
 use crate::stats::Stats;
 use crate::topic;
 
+/// Most topic aliases one connection uses towards its client, whatever Topic Alias Maximum the
+/// client announced: each one keeps a topic name in memory for the connection's lifetime.
+pub const MAX_OUTBOUND_ALIASES: u16 = 64;
+
 /// Why a connection's main loop ended.
 #[derive(Debug)]
 pub enum Exit {
@@ -137,10 +141,8 @@ pub struct Conn {
     pub blocked_until: Option<Instant>,
     /// Inbound topic aliases (v5): alias -> topic; at most `listener.topic_alias_maximum`.
     aliases_in: HashMap<u16, String>,
-    /// Outbound topic aliases (v5): topic -> alias; at most the client's Topic Alias Maximum.
-    aliases_out: HashMap<String, u16>,
-    /// How many outbound aliases the client accepts (0 when disabled by configuration).
-    alias_out_max: u16,
+    /// Outbound topic aliases (v5), per connection [MQTT-3.3.2-7].
+    aliases_out: OutboundAliases,
     /// The authenticated username (CONNECT's, or the certificate CN), for the ACL's `%u`.
     pub username: Option<Arc<str>>,
     /// This client's ACL rules; `None` when no ACL file is configured. Shared, read-only.
@@ -177,12 +179,11 @@ impl Conn {
             blocked: Vec::new(),
             blocked_until: None,
             aliases_in: HashMap::new(),
-            aliases_out: HashMap::new(),
-            alias_out_max: if broker.config.listener.outbound_topic_aliases {
+            aliases_out: OutboundAliases::new(if broker.config.listener.outbound_topic_aliases {
                 c.properties.topic_alias_maximum.unwrap_or(0)
             } else {
                 0
-            },
+            }),
             username: None,
             acl: None,
             acl_generation: 0,
@@ -293,37 +294,18 @@ impl Conn {
             }
             let mut publish = s.start_delivery(d, now);
             let (packet_id, qos) = (publish.packet_id, publish.qos);
-            let new_alias = self.apply_outbound_alias(&mut publish);
+            let new_alias = self.aliases_out.apply(&mut publish);
             if self.send(&Packet::Publish(publish)) {
                 Stats::incr(&self.broker.stats.publish_sent[qos as usize]);
                 // Only a mapping the client has actually received may be relied on later.
-                if let Some((topic, alias)) = new_alias {
-                    self.aliases_out.insert(topic, alias);
+                if let Some(new) = new_alias {
+                    self.aliases_out.record(new);
                 }
             } else if packet_id != 0 {
                 // Never sent, so it must not wait for an acknowledgement.
                 s.forget(packet_id);
             }
         }
-    }
-
-    /// Replace the topic by an alias the client already knows, or assign a new alias while
-    /// the client's maximum allows. Returns a new mapping to record once the PUBLISH is out.
-    fn apply_outbound_alias(&self, p: &mut Publish) -> Option<(String, u16)> {
-        if self.alias_out_max == 0 {
-            return None;
-        }
-        if let Some(&alias) = self.aliases_out.get(&p.topic) {
-            p.properties.topic_alias = Some(alias);
-            p.topic.clear();
-            return None;
-        }
-        let next = u16::try_from(self.aliases_out.len() + 1).ok()?;
-        if next > self.alias_out_max {
-            return None;
-        }
-        p.properties.topic_alias = Some(next);
-        Some((p.topic.clone(), next))
     }
 
     /// Resolve an inbound topic alias into the topic name (v5 section 3.3.2.3.4).
@@ -444,7 +426,8 @@ impl Conn {
             match s.begin_inbound_qos2(packet_id, max) {
                 InboundQos2::New => {}
                 InboundQos2::Duplicate => {
-                    // Already routed once: acknowledge again, deliver nothing.
+                    // Already routed once: acknowledge again, deliver nothing. Whether it
+                    // matched anyone was not kept; 0x00 is as true a success as 0x10.
                     self.send(&Packet::PubRec(Ack::new(packet_id)));
                     return Ok(());
                 }
@@ -493,7 +476,7 @@ impl Conn {
             .message_expiry_interval
             .map(|secs| now + Duration::from_secs(u64::from(secs)));
         let qos = p.qos;
-        self.broker.publish_into(
+        let matched = self.broker.publish_into(
             Message {
                 topic: p.topic,
                 payload: p.payload,
@@ -508,13 +491,23 @@ impl Conn {
         );
         // Never wait for our own queue: it drains only once we read the client's acks.
         self.blocked.retain(|m| !Arc::ptr_eq(m, &s.mailbox));
+        // v5 lets the server say nobody got it (0x10, still a success: a retained message is
+        // stored all the same and a QoS 2 flow goes on to PUBREL); Mosquitto says so too.
+        let ack = Ack {
+            reason: if matched == 0 && self.protocol.is_v5() {
+                ReasonCode::NO_MATCHING_SUBSCRIBERS
+            } else {
+                ReasonCode::SUCCESS
+            },
+            ..Ack::new(packet_id)
+        };
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
-                self.send(&Packet::PubAck(Ack::new(packet_id)));
+                self.send(&Packet::PubAck(ack));
             }
             QoS::ExactlyOnce => {
-                self.send(&Packet::PubRec(Ack::new(packet_id)));
+                self.send(&Packet::PubRec(ack));
             }
         }
         Ok(())
@@ -626,5 +619,84 @@ impl Conn {
             packet_id: u.packet_id,
             reasons,
         }));
+    }
+}
+
+/// The topic aliases a connection uses towards a v5 client that asked for them (Topic Alias
+/// Maximum in CONNECT, section 3.3.2.3.4). Policy: the first PUBLISH of a topic carries the
+/// topic and a new alias, later ones an empty topic and the alias. Once every alias is taken
+/// (the client's maximum, at most `MAX_OUTBOUND_ALIASES`), a new topic takes over the least
+/// recently used alias, sending its topic with it, which the client must accept as a new
+/// mapping. Resends after a reconnect carry their topic and no alias: a new connection starts
+/// with no mappings [MQTT-3.3.2-7].
+#[derive(Debug, Default)]
+struct OutboundAliases {
+    /// Aliases usable: 0 when the client accepts none or configuration turns them off.
+    max: u16,
+    /// Topic -> alias, for the mappings the client has received.
+    by_topic: HashMap<String, u16>,
+    /// When alias `n` was last used, at index `n - 1` (one entry per alias handed out).
+    last_used: Vec<u64>,
+    /// Counts PUBLISHes that use an alias: the recency clock.
+    clock: u64,
+}
+
+/// A mapping a PUBLISH announces, to record once that PUBLISH is out (see `OutboundAliases`).
+#[derive(Debug)]
+struct NewAlias {
+    alias: u16,
+    topic: String,
+}
+
+impl OutboundAliases {
+    fn new(client_max: u16) -> OutboundAliases {
+        OutboundAliases {
+            max: client_max.min(MAX_OUTBOUND_ALIASES),
+            ..OutboundAliases::default()
+        }
+    }
+
+    /// Replace the topic by the alias the client knows for it, or give the PUBLISH a new (or
+    /// the least recently used) alias next to its topic; that new mapping is returned and holds
+    /// only once `record`ed, so a PUBLISH that is never sent changes nothing the client knows.
+    fn apply(&mut self, p: &mut Publish) -> Option<NewAlias> {
+        if self.max == 0 {
+            return None;
+        }
+        self.clock += 1;
+        if let Some(&alias) = self.by_topic.get(&p.topic) {
+            if let Some(t) = self.last_used.get_mut(usize::from(alias) - 1) {
+                *t = self.clock;
+            }
+            p.properties.topic_alias = Some(alias);
+            p.topic.clear();
+            return None;
+        }
+        let index = if self.last_used.len() < usize::from(self.max) {
+            self.last_used.len()
+        } else {
+            let (lru, _) = self.last_used.iter().enumerate().min_by_key(|(_, t)| **t)?;
+            lru
+        };
+        let alias = u16::try_from(index + 1).ok()?;
+        p.properties.topic_alias = Some(alias);
+        Some(NewAlias {
+            alias,
+            topic: p.topic.clone(),
+        })
+    }
+
+    /// The PUBLISH carrying `new` was sent: the client now maps its alias to its topic.
+    fn record(&mut self, new: NewAlias) {
+        let index = usize::from(new.alias) - 1;
+        match self.last_used.get_mut(index) {
+            Some(t) => {
+                *t = self.clock;
+                // At most MAX_OUTBOUND_ALIASES entries: a scan is cheaper than a reverse map.
+                self.by_topic.retain(|_, a| *a != new.alias);
+            }
+            None => self.last_used.push(self.clock),
+        }
+        self.by_topic.insert(new.topic, new.alias);
     }
 }

@@ -178,7 +178,9 @@ impl Router {
 
     /// Deliver `msg` to every matching session. One session with several matching
     /// subscriptions gets one copy at the highest granted QoS, carrying every Subscription
-    /// Identifier [MQTT-3.3.5-1]. Returns the number of sessions it was queued for.
+    /// Identifier [MQTT-3.3.5-1]. Returns the number of matching sessions: those it was queued
+    /// for and those whose queue limits dropped it (they are subscribers all the same; only a
+    /// session that has ended is not counted).
     pub fn route(&self, msg: &Arc<Message>, stats: &Stats) -> usize {
         self.route_into(msg, stats, None)
     }
@@ -203,7 +205,7 @@ impl Router {
                 }
                 Target::Shared(group) => shared.push(group.clone()),
             });
-        let mut queued = 0;
+        let mut matched = 0;
         // A shared delivery is separate from the session's ordinary subscriptions. A member
         // whose session ended a moment ago is skipped for the next one in turn.
         for group in shared {
@@ -220,8 +222,8 @@ impl Router {
                 ) {
                     // Gone, or not allowed to read it: the next member in turn.
                     Pushed::Closed | Pushed::Denied => continue,
-                    pushed => {
-                        queued += usize::from(queued_ok(pushed));
+                    _ => {
+                        matched += 1;
                         if let Some(c) = congested.as_deref_mut() {
                             if e.mailbox.congested() {
                                 c.push(e.mailbox.clone());
@@ -250,7 +252,7 @@ impl Router {
                 j += 1;
             }
             let pushed = deliver(mailbox, msg, qos, retain_as_published, ids, stats);
-            queued += usize::from(queued_ok(pushed));
+            matched += usize::from(!matches!(pushed, Pushed::Closed | Pushed::Denied));
             if let Some(c) = congested.as_deref_mut() {
                 if mailbox.congested() {
                     c.push(mailbox.clone());
@@ -258,7 +260,7 @@ impl Router {
             }
             i = j;
         }
-        queued
+        matched
     }
 }
 
@@ -283,8 +285,4 @@ fn deliver(
         },
         stats,
     )
-}
-
-fn queued_ok(p: Pushed) -> bool {
-    matches!(p, Pushed::Queued | Pushed::QueuedDroppingOldest(_))
 }

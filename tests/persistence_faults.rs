@@ -629,9 +629,12 @@ fn retained_update_refused_while_the_disk_is_full() {
             old,
             "retained value after recovery"
         );
-        assert_eq!(
-            pub_v5(&mut p, "r/u", QoS::AtLeastOnce, 4, "after", true).await,
-            0
+        // A success: 0x10 No matching subscribers, or 0x00 while the last `retained` probe's
+        // subscription to r/# is still being removed (it ends with its connection).
+        let r = pub_v5(&mut p, "r/u", QoS::AtLeastOnce, 4, "after", true).await;
+        assert!(
+            r == 0 || r == 0x10,
+            "retained update after recovery: {r:#x}"
         );
     });
 

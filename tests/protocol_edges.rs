@@ -1,6 +1,7 @@
 //! Protocol edges of issue #12, black box over real sockets with exact bytes: packets that must
 //! fit the client's Maximum Packet Size (CONNACK above all), UTF-8 strings that must close the
-//! connection wherever they appear, and a takeover of a session that ended with its connection.
+//! connection wherever they appear, a takeover of a session that ended with its connection, and
+//! a server close that reaches a client still sending (no reset).
 mod common;
 
 use std::time::Duration;
@@ -8,9 +9,16 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::*;
 use tether::codec;
-use tether::packet::{ConnAck, Packet, ProtocolVersion, Publish, QoS, ReasonCode};
+use tether::connection::LINGER;
+use tether::packet::{Ack, ConnAck, Connect, Packet, ProtocolVersion, Publish, QoS, ReasonCode};
+use tether::protocol::MAX_OUTBOUND_ALIASES;
 use tether::stats::Stats;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// Short window for "nothing (more) arrives".
 const QUIET: Duration = Duration::from_millis(300);
@@ -626,5 +634,630 @@ async fn cross_version_takeover_of_a_connection_bound_session_does_not_resume_it
     );
     p.send(&publish("tkx5/t", 0, 0, false, false, b"x")).await;
     bc.expect_silence(QUIET).await;
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A server close reaches a client that is still sending (lingering close)
+// ---------------------------------------------------------------------------------------------
+
+/// A plain TCP connection whose CONNECT (`connect`, encoded for `version`) was accepted, split
+/// so one task can keep writing while the test reads.
+async fn split_client(b: &TestBroker, version: ProtocolVersion, connect: Packet) -> Split {
+    let tcp = TcpStream::connect(b.addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let (r, mut w) = tcp.into_split();
+    w.write_all(&encode(&connect, version))
+        .await
+        .expect("write");
+    let mut s = Split {
+        r,
+        w: Some(w),
+        buf: BytesMut::new(),
+        version,
+    };
+    match s.next().await {
+        Ok(Some(Packet::ConnAck(a))) if a.reason == ReasonCode::SUCCESS => s,
+        other => panic!("expected a successful CONNACK, got {other:?}"),
+    }
+}
+
+fn encode(p: &Packet, version: ProtocolVersion) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    codec::encode(p, version, None, &mut out).expect("encode");
+    out.to_vec()
+}
+
+/// The read half of a split client, decoding what the broker sends.
+struct Split {
+    r: OwnedReadHalf,
+    w: Option<OwnedWriteHalf>,
+    buf: BytesMut,
+    version: ProtocolVersion,
+}
+
+impl Split {
+    /// The next packet; `Ok(None)` on a clean EOF, `Err` on a socket error such as a reset.
+    /// Fails the test after `WAIT`.
+    async fn next(&mut self) -> Result<Option<Packet>, std::io::ErrorKind> {
+        loop {
+            if let Some(p) =
+                codec::decode(&mut self.buf, Some(self.version), usize::MAX).expect("decodable")
+            {
+                return Ok(Some(p));
+            }
+            match tokio::time::timeout(WAIT, self.r.read_buf(&mut self.buf)).await {
+                Err(_) => panic!("neither a packet nor the close within {WAIT:?}"),
+                Ok(Ok(0)) => {
+                    assert!(self.buf.is_empty(), "EOF inside a packet: {:?}", self.buf);
+                    return Ok(None);
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.kind()),
+            }
+        }
+    }
+
+    /// Every packet until the connection ends, and how it ended (`None` = clean EOF).
+    async fn until_end(&mut self) -> (Vec<Packet>, Option<std::io::ErrorKind>) {
+        let mut got = Vec::new();
+        loop {
+            match self.next().await {
+                Ok(Some(p)) => got.push(p),
+                Ok(None) => return (got, None),
+                Err(e) => return (got, Some(e)),
+            }
+        }
+    }
+
+    /// Start writing `first`, then `filler` again and again, until `stop` fires (or its sender
+    /// is dropped) or a write fails: the task returns the failure and when it happened.
+    fn keep_writing(
+        &mut self,
+        first: Vec<u8>,
+        filler: Vec<u8>,
+        mut stop: oneshot::Receiver<()>,
+    ) -> JoinHandle<Option<(std::io::ErrorKind, Instant)>> {
+        let mut w = self.w.take().expect("write half");
+        tokio::spawn(async move {
+            if let Err(e) = w.write_all(&first).await {
+                return Some((e.kind(), Instant::now()));
+            }
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return None,
+                    r = w.write_all(&filler) => if let Err(e) = r {
+                        return Some((e.kind(), Instant::now()));
+                    },
+                }
+            }
+        })
+    }
+}
+
+/// About 64 KiB of QoS 0 PUBLISHes to a topic nobody subscribes to: what a busy client keeps
+/// sending after the packet that gets it disconnected.
+fn filler(version: ProtocolVersion) -> Vec<u8> {
+    let p = Packet::Publish(v5_publish("linger/fill", QoS::AtMostOnce, 0, &[b'f'; 1000]));
+    encode(&p, version).repeat(64)
+}
+
+/// 65 QoS 2 PUBLISHes without PUBREL: one more than Receive Maximum 64 (`max_inbound_inflight`).
+fn receive_maximum_plus_one() -> Vec<u8> {
+    (1..=65u16)
+        .flat_map(|id| {
+            let p = v5_publish("linger/q2", QoS::ExactlyOnce, id, b"x");
+            encode(&Packet::Publish(p), ProtocolVersion::V5)
+        })
+        .collect()
+}
+
+/// What a v5 client must read after `receive_maximum_plus_one`: PUBREC for the first 64, then
+/// DISCONNECT 0x93, then a clean EOF.
+fn assert_receive_maximum_exceeded(
+    attempt: usize,
+    got: &[Packet],
+    end: Option<std::io::ErrorKind>,
+) {
+    let disconnect = got.iter().find_map(|p| match p {
+        Packet::Disconnect(d) => Some(d.reason),
+        _ => None,
+    });
+    assert_eq!(
+        disconnect,
+        Some(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED),
+        "attempt {attempt}: no DISCONNECT 0x93 ({} packets, then {end:?})",
+        got.len()
+    );
+    let pubrecs = got
+        .iter()
+        .filter(|p| matches!(p, Packet::PubRec(_)))
+        .count();
+    assert_eq!(pubrecs, 64, "attempt {attempt}");
+    assert!(
+        matches!(got.last(), Some(Packet::Disconnect(_))),
+        "attempt {attempt}: nothing may follow DISCONNECT [MQTT-3.14.4-1]"
+    );
+    assert_eq!(
+        end, None,
+        "attempt {attempt}: the close after DISCONNECT must be an orderly EOF"
+    );
+}
+
+/// [MQTT-3.3.4-7, MQTT-3.14.4-1, MQTT-3.14.4-2, MQTT-4.13.2-1]: a v5 client that sends 65 QoS 2
+/// PUBLISHes against Receive Maximum 64 and keeps on writing reads DISCONNECT 0x93 and then an
+/// orderly EOF, and its writes keep succeeding until then: the broker ends its output and reads
+/// what the client still sends before it closes. Closing with unread input would send a reset,
+/// which fails the client's next write (a client that writes before it reads never sees the
+/// DISCONNECT) and drops whatever the broker had not transmitted yet. A hundred times in a row,
+/// each on a fresh connection, because the reset is a race the client loses only sometimes.
+#[tokio::test]
+async fn v5_disconnect_0x93_reaches_a_client_that_keeps_writing_mqtt_3_14_4_2() {
+    let b = TestBroker::start().await;
+    let (first, filler) = (receive_maximum_plus_one(), filler(ProtocolVersion::V5));
+    for attempt in 0..100 {
+        let id = format!("linger5-{attempt}");
+        let connect = Packet::Connect(Box::new(v5_connect(&id, true)));
+        let mut c = split_client(&b, ProtocolVersion::V5, connect).await;
+        let (stop, stopped) = oneshot::channel();
+        let writer = c.keep_writing(first.clone(), filler.clone(), stopped);
+        let (got, end) = c.until_end().await;
+        let _ = stop.send(());
+        let write_failed = writer.await.expect("writer task");
+        assert_eq!(
+            write_failed.map(|(kind, _)| kind),
+            None,
+            "attempt {attempt}: the client's writes failed before it had read everything \
+             (a reset: what a client that writes before it reads sees as broken pipe)"
+        );
+        assert_receive_maximum_exceeded(attempt, &got, end);
+    }
+    b.stop().await;
+}
+
+/// [MQTT-4.8.0-1, MQTT-3.3.2-2]: a 3.1.1 client that breaks the protocol (a wildcard in a
+/// PUBLISH topic) while it keeps writing is closed with an orderly EOF, after every PUBACK the
+/// broker owed it, not with a reset that would discard them.
+#[tokio::test]
+async fn v311_violation_closes_with_eof_for_a_client_that_keeps_writing_mqtt_4_8_0_1() {
+    let b = TestBroker::start().await;
+    let mut first: Vec<u8> = (1..=10u16)
+        .flat_map(|id| publish("linger/q1", 1, id, false, false, b"x"))
+        .collect();
+    first.extend(publish("linger/+", 0, 0, false, false, b"bad"));
+    let filler = filler(ProtocolVersion::V311);
+    for attempt in 0..100 {
+        let connect = Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V311,
+            ..v5_connect(&format!("linger4-{attempt}"), true)
+        }));
+        let mut c = split_client(&b, ProtocolVersion::V311, connect).await;
+        let (stop, stopped) = oneshot::channel();
+        let writer = c.keep_writing(first.clone(), filler.clone(), stopped);
+        let (got, end) = c.until_end().await;
+        let _ = stop.send(());
+        let write_failed = writer.await.expect("writer task");
+        assert_eq!(
+            write_failed.map(|(kind, _)| kind),
+            None,
+            "attempt {attempt}: the client's writes failed before it had read everything \
+             (a reset: what a client that writes before it reads sees as broken pipe)"
+        );
+        let pubacks: Vec<u16> = got
+            .iter()
+            .map(|p| match p {
+                Packet::PubAck(a) => a.packet_id,
+                other => panic!("attempt {attempt}: expected only PUBACKs, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(pubacks, (1..=10).collect::<Vec<_>>(), "attempt {attempt}");
+        assert_eq!(end, None, "attempt {attempt}: orderly EOF, not a reset");
+    }
+    b.stop().await;
+}
+
+/// The lingering close is bounded: a client that never stops writing and never closes after
+/// its DISCONNECT 0x93 still holds a connection slot for a while (the broker reads and discards
+/// its input), then is cut off `LINGER` (2 s) later, and the connection no longer counts.
+#[tokio::test]
+async fn a_client_that_never_stops_writing_is_cut_off_after_the_linger_bound() {
+    let b = TestBroker::start().await;
+    let connect = Packet::Connect(Box::new(v5_connect("linger-hog", true)));
+    let mut c = split_client(&b, ProtocolVersion::V5, connect).await;
+    let (_never, stopped) = oneshot::channel();
+    let writer = c.keep_writing(
+        receive_maximum_plus_one(),
+        filler(ProtocolVersion::V5),
+        stopped,
+    );
+    let (got, end) = c.until_end().await;
+    let disconnected = Instant::now();
+    assert_receive_maximum_exceeded(0, &got, end);
+    assert_eq!(
+        Stats::get(&b.broker.stats.connections_current),
+        1,
+        "the lingering connection still counts against the connection limit"
+    );
+    let (kind, at) = tokio::time::timeout(LINGER + WAIT, writer)
+        .await
+        .expect("the broker never cut the writer off")
+        .expect("writer task")
+        .expect("a write fails once the broker closes");
+    let lingered = at - disconnected;
+    assert!(
+        lingered >= LINGER - Duration::from_millis(500) && lingered < LINGER + WAIT,
+        "cut off {lingered:?} after the DISCONNECT ({kind:?})"
+    );
+    eventually("the connection no longer counts", || {
+        Stats::get(&b.broker.stats.connections_current) == 0
+    })
+    .await;
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. PUBACK / PUBREC 0x10 No matching subscribers
+// ---------------------------------------------------------------------------------------------
+
+/// The packet id and reason code of the next packet, which must be a PUBACK or PUBREC.
+async fn ack_of(c: &mut Raw) -> (&'static str, u16, ReasonCode) {
+    match c.recv_packet().await {
+        Packet::PubAck(a) => ("PUBACK", a.packet_id, a.reason),
+        Packet::PubRec(a) => ("PUBREC", a.packet_id, a.reason),
+        other => panic!("expected PUBACK or PUBREC, got {other:?}"),
+    }
+}
+
+fn v5_pub(topic: &str, qos: QoS, packet_id: u16, retain: bool) -> Packet {
+    Packet::Publish(Publish {
+        retain,
+        ..v5_publish(topic, qos, packet_id, b"m")
+    })
+}
+
+/// Section 3.4.2.1 (0x10 No matching subscribers: "If the Server knows that there are no
+/// matching subscribers, it MAY use this Reason Code instead of 0x00"), [MQTT-3.4.2-1]: a v5
+/// QoS 1 PUBLISH that matches no subscription gets PUBACK 0x10; once a subscription matches,
+/// 0x00 and the message is delivered.
+#[tokio::test]
+async fn v5_qos1_publish_without_subscribers_gets_puback_0x10_mqtt_3_4_2_1() {
+    let b = TestBroker::start().await;
+    let mut p = b.v5_client(v5_connect("nms-pub", true), false).await;
+    p.send_packet(&v5_pub("nms/t", QoS::AtLeastOnce, 1, false))
+        .await;
+    assert_eq!(
+        ack_of(&mut p).await,
+        ("PUBACK", 1, ReasonCode::NO_MATCHING_SUBSCRIBERS)
+    );
+
+    let mut s = b.v5_client(v5_connect("nms-sub", true), false).await;
+    s.sub_v5(1, "nms/#", QoS::AtLeastOnce).await;
+    p.send_packet(&v5_pub("nms/t", QoS::AtLeastOnce, 2, false))
+        .await;
+    assert_eq!(ack_of(&mut p).await, ("PUBACK", 2, ReasonCode::SUCCESS));
+    assert_eq!(s.recv_publish().await.topic, "nms/t");
+    b.stop().await;
+}
+
+/// [MQTT-3.5.2-1, MQTT-4.3.3-4, MQTT-4.3.3-11]: the same for QoS 2. PUBREC 0x10 is below 0x80,
+/// so the flow goes on: PUBREL gets PUBCOMP 0x00. With a matching subscription PUBREC is 0x00.
+#[tokio::test]
+async fn v5_qos2_publish_without_subscribers_gets_pubrec_0x10_and_completes_mqtt_3_5_2_1() {
+    let b = TestBroker::start().await;
+    let mut p = b.v5_client(v5_connect("nms2-pub", true), false).await;
+    p.send_packet(&v5_pub("nms2/t", QoS::ExactlyOnce, 7, false))
+        .await;
+    assert_eq!(
+        ack_of(&mut p).await,
+        ("PUBREC", 7, ReasonCode::NO_MATCHING_SUBSCRIBERS)
+    );
+    p.send_packet(&Packet::PubRel(Ack::new(7))).await;
+    match p.recv_packet().await {
+        Packet::PubComp(a) => assert_eq!((a.packet_id, a.reason), (7, ReasonCode::SUCCESS)),
+        other => panic!("expected PUBCOMP, got {other:?}"),
+    }
+
+    let mut s = b.v5_client(v5_connect("nms2-sub", true), false).await;
+    s.sub_v5(1, "nms2/t", QoS::ExactlyOnce).await;
+    p.send_packet(&v5_pub("nms2/t", QoS::ExactlyOnce, 8, false))
+        .await;
+    assert_eq!(ack_of(&mut p).await, ("PUBREC", 8, ReasonCode::SUCCESS));
+    p.send_packet(&Packet::PubRel(Ack::new(8))).await;
+    assert!(matches!(p.recv_packet().await, Packet::PubComp(a) if a.packet_id == 8));
+    assert_eq!(s.recv_publish().await.topic, "nms2/t");
+    b.stop().await;
+}
+
+/// [MQTT-3.3.1-5]: 0x10 says only that nobody got the message now: a retained QoS 1 PUBLISH
+/// without subscribers gets PUBACK 0x10 and is still stored for later subscribers.
+#[tokio::test]
+async fn v5_retained_publish_without_subscribers_gets_0x10_and_is_still_retained_mqtt_3_3_1_5() {
+    let b = TestBroker::start().await;
+    let mut p = b.v5_client(v5_connect("nmr-pub", true), false).await;
+    p.send_packet(&v5_pub("nmr/t", QoS::AtLeastOnce, 1, true))
+        .await;
+    assert_eq!(
+        ack_of(&mut p).await,
+        ("PUBACK", 1, ReasonCode::NO_MATCHING_SUBSCRIBERS)
+    );
+    let mut s = b.v5_client(v5_connect("nmr-sub", true), false).await;
+    s.sub_v5(1, "nmr/#", QoS::AtLeastOnce).await;
+    let m = s.recv_publish().await;
+    assert_eq!((m.topic.as_str(), m.retain), ("nmr/t", true));
+    b.stop().await;
+}
+
+/// A subscriber whose queue is full still matches: the message is dropped for it (and
+/// counted), but the publisher hears 0x00, not 0x10. The subscriber here is an offline
+/// session with room for one queued message.
+#[tokio::test]
+async fn v5_a_match_with_a_full_queue_is_still_a_matching_subscriber() {
+    let mut config = tether::config::Config::default();
+    config.session.max_queued_messages = 1;
+    let b = TestBroker::with_config(config).await;
+    let mut s = v5_session(b.addr, "nmf-sub", true, 60, false).await;
+    s.sub_v5(1, "nmf/t", QoS::AtLeastOnce).await;
+    s.disconnect_v5(ReasonCode::SUCCESS, None).await;
+    b.wait_offline("nmf-sub").await;
+
+    let mut p = b.v5_client(v5_connect("nmf-pub", true), false).await;
+    for id in 1..=2 {
+        p.send_packet(&v5_pub("nmf/t", QoS::AtLeastOnce, id, false))
+            .await;
+        assert_eq!(ack_of(&mut p).await, ("PUBACK", id, ReasonCode::SUCCESS));
+    }
+    assert_eq!(Stats::get(&b.broker.stats.dropped_queue_full), 1);
+    b.stop().await;
+}
+
+/// 3.1.1 PUBACK and PUBREC carry only the packet id (sections 3.4 and 3.5): a QoS 1 or QoS 2
+/// PUBLISH nobody subscribes to gets the plain acknowledgement, and QoS 2 completes.
+#[tokio::test]
+async fn v311_publish_without_subscribers_gets_the_plain_acknowledgement() {
+    let b = TestBroker::start().await;
+    let mut p = v311_client(&b, "nms4-pub").await;
+    p.send(&publish("nms4/t", 1, 1, false, false, b"m")).await;
+    p.expect_bytes(&ack(0x40, 1)).await;
+    p.send(&publish("nms4/t", 2, 2, false, false, b"m")).await;
+    p.expect_bytes(&ack(0x50, 2)).await;
+    p.send(&ack(0x62, 2)).await;
+    p.expect_bytes(&ack(0x70, 2)).await;
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Outbound topic aliases
+// ---------------------------------------------------------------------------------------------
+
+/// What a client does with an incoming PUBLISH's topic alias (section 3.3.2.3.4): topic + alias
+/// (re)maps the alias, an empty topic + alias uses the mapping. Returns the topic and whether
+/// it came from the alias alone; fails on an alias outside 1..=`max` [MQTT-3.3.2-8,
+/// MQTT-3.3.2-11] or one never mapped.
+fn resolve(
+    map: &mut std::collections::HashMap<u16, String>,
+    max: u16,
+    p: &Publish,
+) -> (String, bool) {
+    let Some(alias) = p.properties.topic_alias else {
+        assert!(!p.topic.is_empty(), "empty topic without alias: {p:?}");
+        return (p.topic.clone(), false);
+    };
+    assert!(
+        (1..=max).contains(&alias),
+        "alias {alias} outside 1..={max}"
+    );
+    if p.topic.is_empty() {
+        let topic = map.get(&alias).expect("alias used before it was mapped");
+        (topic.clone(), true)
+    } else {
+        map.insert(alias, p.topic.clone());
+        (p.topic.clone(), false)
+    }
+}
+
+/// A v5 client announcing Topic Alias Maximum `max`, subscribed to `filter` at QoS 0.
+async fn alias_subscriber(b: &TestBroker, id: &str, max: Option<u16>, filter: &str) -> Raw {
+    let mut connect = v5_connect(id, true);
+    connect.properties.topic_alias_maximum = max;
+    let mut c = b.v5_client(connect, false).await;
+    c.sub_v5(1, filter, QoS::AtMostOnce).await;
+    c
+}
+
+/// Publish one QoS 1 message per topic, in order, each acknowledged before the next.
+async fn publish_all(b: &TestBroker, id: &str, topics: &[&str]) {
+    let mut p = b.v5_client(v5_connect(id, true), false).await;
+    for (i, t) in topics.iter().enumerate() {
+        p.pub1_v5(v5_publish(t, QoS::AtLeastOnce, i as u16 + 1, b"m"))
+            .await;
+    }
+}
+
+/// [MQTT-3.3.2-11, MQTT-3.1.2-27]: by default, a client that announced Topic Alias Maximum 5
+/// gets topic + alias on the first PUBLISH of a topic and an empty topic + the same alias on the
+/// next; a client that announced none gets full topics and no alias.
+#[tokio::test]
+async fn v5_outbound_topic_aliases_are_on_by_default_mqtt_3_3_2_11() {
+    let b = TestBroker::start().await;
+    let mut sub = alias_subscriber(&b, "oad-sub", Some(5), "oad/#").await;
+    let mut plain = alias_subscriber(&b, "oad-plain", None, "oad/#").await;
+    publish_all(&b, "oad-pub", &["oad/t", "oad/t"]).await;
+
+    let first = sub.recv_publish().await;
+    let alias = first
+        .properties
+        .topic_alias
+        .expect("the first PUBLISH maps an alias");
+    assert!((1..=5).contains(&alias), "alias {alias}");
+    assert_eq!(first.topic, "oad/t");
+    let second = sub.recv_publish().await;
+    assert_eq!(
+        (second.topic.as_str(), second.properties.topic_alias),
+        ("", Some(alias))
+    );
+    for _ in 0..2 {
+        let m = plain.recv_publish().await;
+        assert_eq!(
+            (m.topic.as_str(), m.properties.topic_alias),
+            ("oad/t", None)
+        );
+    }
+    b.stop().await;
+}
+
+/// `listener.outbound_topic_aliases = false` turns them off even for a client that accepts
+/// them.
+#[tokio::test]
+async fn v5_outbound_topic_aliases_can_be_turned_off() {
+    let mut config = tether::config::Config::default();
+    config.listener.outbound_topic_aliases = false;
+    let b = TestBroker::with_config(config).await;
+    let mut sub = alias_subscriber(&b, "oaf-sub", Some(5), "oaf/#").await;
+    publish_all(&b, "oaf-pub", &["oaf/t", "oaf/t"]).await;
+    for _ in 0..2 {
+        let m = sub.recv_publish().await;
+        assert_eq!(
+            (m.topic.as_str(), m.properties.topic_alias),
+            ("oaf/t", None)
+        );
+    }
+    b.stop().await;
+}
+
+/// [MQTT-3.1.2-25, MQTT-3.3.2-11]: a PUBLISH dropped because it exceeds the client's Maximum
+/// Packet Size never reached the client, so the alias it would have mapped is not relied on:
+/// the next PUBLISH of that topic carries the topic again.
+#[tokio::test]
+async fn v5_an_outbound_alias_is_not_relied_on_when_its_publish_was_dropped() {
+    let b = TestBroker::start().await;
+    let mut connect = v5_connect("oab-sub", true);
+    connect.properties.topic_alias_maximum = Some(5);
+    connect.properties.maximum_packet_size = Some(40);
+    let mut sub = b.v5_client(connect, false).await;
+    sub.sub_v5(1, "oab/#", QoS::AtMostOnce).await;
+    let mut p = b.v5_client(v5_connect("oab-pub", true), false).await;
+    p.pub1_v5(v5_publish("oab/t", QoS::AtLeastOnce, 1, &[b'x'; 64]))
+        .await;
+    for id in 2..=3 {
+        p.pub1_v5(v5_publish("oab/t", QoS::AtLeastOnce, id, b"ok"))
+            .await;
+    }
+    let mut map = std::collections::HashMap::new();
+    let first = sub.recv_publish().await;
+    assert_eq!(&first.payload[..], b"ok");
+    assert_eq!(
+        resolve(&mut map, 5, &first),
+        ("oab/t".to_string(), false),
+        "{first:?}"
+    );
+    assert!(first.properties.topic_alias.is_some());
+    let second = sub.recv_publish().await;
+    assert_eq!(resolve(&mut map, 5, &second), ("oab/t".to_string(), true));
+    assert_eq!(Stats::get(&b.broker.stats.dropped_too_large), 1);
+    b.stop().await;
+}
+
+/// [MQTT-3.3.2-7]: aliases belong to one network connection. A persistent session's
+/// unacknowledged messages, resent on the next connection, carry their topic, and the first new
+/// PUBLISH of that topic maps an alias afresh.
+#[tokio::test]
+async fn v5_outbound_aliases_start_fresh_on_each_connection_mqtt_3_3_2_7() {
+    let b = TestBroker::start().await;
+    let connect = |clean| {
+        let mut c = v5_connect_expiry("oac-sub", clean, Some(60));
+        c.properties.topic_alias_maximum = Some(5);
+        c
+    };
+    let mut sub = b.v5_client(connect(true), false).await;
+    sub.sub_v5(1, "oac/t", QoS::AtLeastOnce).await;
+    let mut p = b.v5_client(v5_connect("oac-pub", true), false).await;
+    for id in 1..=2 {
+        p.pub1_v5(v5_publish("oac/t", QoS::AtLeastOnce, id, b"old"))
+            .await;
+    }
+    let mut map = std::collections::HashMap::new();
+    for alias_only in [false, true] {
+        let m = sub.recv_publish().await;
+        assert_eq!(resolve(&mut map, 5, &m), ("oac/t".to_string(), alias_only));
+    }
+    // Neither is acknowledged: both are resent on the next connection.
+    drop(sub);
+    b.wait_offline("oac-sub").await;
+
+    let mut sub = b.v5_client(connect(false), true).await;
+    let mut map = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let m = sub.recv_publish().await;
+        assert!(m.dup, "{m:?}");
+        assert_eq!(resolve(&mut map, 5, &m), ("oac/t".to_string(), false));
+        sub.send_packet(&Packet::PubAck(Ack::new(m.packet_id)))
+            .await;
+    }
+    p.pub1_v5(v5_publish("oac/t", QoS::AtLeastOnce, 3, b"new"))
+        .await;
+    let m = sub.recv_publish().await;
+    assert_eq!(resolve(&mut map, 5, &m), ("oac/t".to_string(), false));
+    assert!(m.properties.topic_alias.is_some(), "{m:?}");
+    b.stop().await;
+}
+
+/// Section 3.3.2.3.4 (a sender may change a mapping by sending the topic with an alias already
+/// used): with Topic Alias Maximum 2 and a third topic, the least recently used alias is
+/// reassigned; the topic used more recently keeps its alias.
+#[tokio::test]
+async fn v5_outbound_aliases_reassign_the_least_recently_used_one() {
+    let b = TestBroker::start().await;
+    let mut sub = alias_subscriber(&b, "oal-sub", Some(2), "oal/#").await;
+    let sent = [
+        "oal/a", "oal/b", "oal/a", "oal/c", "oal/a", "oal/b", "oal/b",
+    ];
+    publish_all(&b, "oal-pub", &sent).await;
+    // (topic, from the alias alone, carries an alias)
+    let want = [
+        ("oal/a", false, true),
+        ("oal/b", false, true),
+        ("oal/a", true, true),
+        ("oal/c", false, true), // b's alias, least recently used, now means oal/c
+        ("oal/a", true, true),
+        ("oal/b", false, true), // c's alias (a was used after c)
+        ("oal/b", true, true),
+    ];
+    let mut map = std::collections::HashMap::new();
+    for (i, (topic, alias_only, aliased)) in want.into_iter().enumerate() {
+        let m = sub.recv_publish().await;
+        let got = resolve(&mut map, 2, &m);
+        assert_eq!(
+            (got.0.as_str(), got.1, m.properties.topic_alias.is_some()),
+            (topic, alias_only, aliased),
+            "PUBLISH {i}: {m:?}"
+        );
+    }
+    b.stop().await;
+}
+
+/// However many aliases the client accepts, one connection uses at most
+/// `MAX_OUTBOUND_ALIASES` (64), each holding a topic name in memory: the 65th topic takes over
+/// the least recently used alias, so the first topic, when it comes again, carries its topic.
+#[tokio::test]
+async fn v5_outbound_aliases_are_capped_per_connection() {
+    let b = TestBroker::start().await;
+    let mut sub = alias_subscriber(&b, "oam-sub", Some(1000), "oam/#").await;
+    let mut topics: Vec<String> = (1..=65).map(|i| format!("oam/{i}")).collect();
+    topics.push("oam/1".into());
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    publish_all(&b, "oam-pub", &refs).await;
+    let max = MAX_OUTBOUND_ALIASES;
+    let mut map = std::collections::HashMap::new();
+    let mut aliases = Vec::new();
+    for t in &topics {
+        let m = sub.recv_publish().await;
+        assert_eq!(resolve(&mut map, max, &m), (t.clone(), false), "{m:?}");
+        aliases.push(m.properties.topic_alias.expect("every topic gets an alias"));
+    }
+    assert_eq!(aliases[64], aliases[0], "oam/65 takes over oam/1's alias");
+    assert_ne!(
+        aliases[65], aliases[64],
+        "oam/1 comes back under another alias"
+    );
     b.stop().await;
 }

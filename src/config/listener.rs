@@ -170,7 +170,7 @@ pub struct ListenerConfig {
     pub max_keep_alive_secs: u16,
     /// Topic aliases a v5 client may use towards the broker (Topic Alias Maximum in CONNACK).
     pub topic_alias_maximum: u16,
-    /// Use topic aliases towards v5 clients that accept them.
+    /// Use topic aliases towards v5 clients that ask for them (Topic Alias Maximum in CONNECT).
     pub outbound_topic_aliases: bool,
     /// `tcp` or `ws`.
     pub transport: TransportKind,
@@ -194,7 +194,7 @@ impl Default for ListenerConfig {
             max_write_buffer: 256 * 1024,
             max_keep_alive_secs: 0,
             topic_alias_maximum: 16,
-            outbound_topic_aliases: false,
+            outbound_topic_aliases: true,
             transport: TransportKind::Tcp,
             ws_path: default_ws_path(),
             allow_anonymous: None,
