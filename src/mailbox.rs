@@ -16,7 +16,7 @@ use std::sync::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::auth::acl::ClientAcl;
-use crate::auth::gate::acl_epoch;
+use crate::auth::gate::{acl_epoch, epoch_tag};
 use crate::config::{OverflowPolicy, SessionConfig};
 use crate::message::Delivery;
 use crate::packet::QoS;
@@ -133,13 +133,16 @@ impl Mailbox {
             if q.closed {
                 return Pushed::Closed;
             }
-            if q.acl
-                .as_deref()
-                .is_some_and(|(epoch, acl)| *epoch == acl_epoch() && !acl.can_receive(&d.msg.topic))
-            {
-                drop(q);
-                Stats::incr(&stats.acl_denied_delivery);
-                return Pushed::Denied;
+            if let Some((epoch, acl)) = q.acl.as_deref() {
+                if *epoch == acl_epoch() {
+                    if !acl.can_receive(&d.msg.topic) {
+                        drop(q);
+                        Stats::incr(&stats.acl_denied_delivery);
+                        return Pushed::Denied;
+                    }
+                    // Checked under rules still current: the connection need not again.
+                    d.acl_epoch = epoch_tag(*epoch);
+                }
             }
             let outcome =
                 if !q.online && d.qos == QoS::AtMostOnce && !self.limits.queue_qos0_offline {

@@ -120,6 +120,9 @@ pub struct Delivery {
     /// Its number in a durable session's stored queue (assigned by the mailbox when it is
     /// written to the store); 0 = not stored.
     pub seq: u64,
+    /// The ACL epoch (low 32 bits, never 0) in which the mailbox found the session may read
+    /// this topic; 0 = not checked. The connection skips its own check while the epoch holds.
+    pub acl_epoch: u32,
 }
 
 impl Delivery {

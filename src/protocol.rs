@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::auth::acl::ClientAcl;
+use crate::auth::gate::{acl_epoch, epoch_tag};
 use crate::broker::Broker;
 use crate::codec::{self, DecodeError, EncodeError};
 use crate::mailbox::Mailbox;
@@ -283,11 +284,13 @@ impl Conn {
                 continue;
             }
             // A wildcard subscription may match topics the client may not read, and a reload
-            // may have taken away what it subscribed to.
-            if self
-                .acl
-                .as_ref()
-                .is_some_and(|a| !a.can_receive(&d.msg.topic))
+            // may have taken away what it subscribed to. The mailbox already checked what was
+            // queued under the rules still current.
+            if d.acl_epoch != epoch_tag(acl_epoch())
+                && self
+                    .acl
+                    .as_ref()
+                    .is_some_and(|a| !a.can_receive(&d.msg.topic))
             {
                 Stats::incr(&self.broker.stats.acl_denied_delivery);
                 continue;
@@ -586,6 +589,7 @@ impl Conn {
                         retain: true,
                         subscription_ids: subscription.identifier.into_iter().collect(),
                         seq: 0,
+                        acl_epoch: 0,
                     },
                     &self.broker.stats,
                 );

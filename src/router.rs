@@ -282,6 +282,7 @@ fn deliver(
             retain: msg.retain && retain_as_published,
             subscription_ids,
             seq: 0,
+            acl_epoch: 0,
         },
         stats,
     )

@@ -40,5 +40,6 @@ pub fn delivery(qos: QoS, payload: &'static [u8]) -> Delivery {
         retain: false,
         subscription_ids: vec![],
         seq: 0,
+        acl_epoch: 0,
     }
 }

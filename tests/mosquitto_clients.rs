@@ -31,25 +31,38 @@ fn stop_cleanly(mut sub: Proc) {
 /// subscriber again with the same Client ID: it must receive all 20, in order.
 fn persistent_311_round_trip(tag: &str, stop: impl FnOnce(Proc)) {
     let broker = Broker::start();
+    persistent_311_round_trip_on(&broker, broker.port, &[], tag, stop);
+}
+
+/// `persistent_311_round_trip` against `broker` on `port`, every client given `extra` flags
+/// (e.g. `--cafile` for a TLS listener).
+fn persistent_311_round_trip_on(
+    broker: &Broker,
+    port: u16,
+    extra: &[&str],
+    tag: &str,
+    stop: impl FnOnce(Proc),
+) {
     let id = format!("fixedid-{tag}");
     let filter = format!("{tag}/#");
     let topic = format!("{tag}/m");
-    let sub_args = ["-c", "-i", &id, "-q", "1", "-t", &filter, "-v"];
+    let mut sub_args: Vec<&str> = extra.to_vec();
+    sub_args.extend(["-c", "-i", &id, "-q", "1", "-t", &filter, "-v"]);
 
     // First run: wait for the SUBACK so the subscription certainly exists, then stop it.
     let mut first = sub_args.to_vec();
     first.push("-d");
-    let sub = sub_spawn(broker.port, &first);
+    let sub = sub_spawn(port, &first);
     assert_eq!(wait_subscribed(&sub), "1", "granted QoS\n{}", sub.dump());
     stop(sub);
 
     // 20 QoS 1 messages while it is away; each mosquitto_pub exits 0 only after its PUBACK.
     let expected: Vec<String> = (1..=20).map(|i| format!("{topic} msg-{i}")).collect();
     for i in 1..=20 {
-        pub_ok(
-            broker.port,
-            &["-q", "1", "-t", &topic, "-m", &format!("msg-{i}")],
-        );
+        let msg = format!("msg-{i}");
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend(["-q", "1", "-t", &topic, "-m", &msg]);
+        pub_ok(port, &args);
     }
 
     // Back with the same Client ID and Clean Session = 0: every queued message, in order.
@@ -57,7 +70,7 @@ fn persistent_311_round_trip(tag: &str, stop: impl FnOnce(Proc)) {
     again.extend(["-C", "20", "-W", "10"]);
     let f = run(
         "mosquitto_sub",
-        mosquitto("mosquitto_sub", broker.port, &again),
+        mosquitto("mosquitto_sub", port, &again),
         Duration::from_secs(15),
     );
     let got = messages(&f.stdout, &topic);
@@ -445,6 +458,14 @@ fn mosquitto_clients_over_tls_mtls_and_passwords() {
 
     // TLS with the CA file; the broker's certificate names 127.0.0.1.
     round_trip_with(broker.port, &["--cafile", &cafile], "tls/t");
+    // A persistent session over TLS gets every QoS 1 message published while it was away.
+    persistent_311_round_trip_on(
+        &broker,
+        broker.port,
+        &["--cafile", &cafile],
+        "tlsp",
+        stop_cleanly,
+    );
     // Mutual TLS: with a client certificate it works; without, the connection fails.
     let (dcert, dkey) = (
         device.cert.display().to_string(),
@@ -498,4 +519,52 @@ fn mosquitto_clients_over_tls_mtls_and_passwords() {
         "{}",
         f.stderr
     );
+}
+
+/// SIGHUP on the running binary re-reads the certificate: clients trusting the new CA get
+/// in, clients trusting only the old one no longer do.
+#[test]
+fn sighup_reloads_the_tls_certificate_of_the_running_binary() {
+    let first = pki::Pki::new("hup-1");
+    let second = pki::Pki::new("hup-2");
+    let dir = Dir::new("hup");
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let (cert, key) = (dir.0.join("server.pem"), dir.0.join("server.key"));
+    let s1 = first.server();
+    std::fs::copy(&s1.cert, &cert).expect("copy");
+    std::fs::copy(&s1.key, &key).expect("copy");
+    let port = free_port();
+    let config = dir.0.join("tether.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listener]\nbind = \"127.0.0.1:{port}\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .expect("config");
+    let broker = Broker::start_config(&config, port);
+    let (ca1, ca2) = (
+        first.ca.display().to_string(),
+        second.ca.display().to_string(),
+    );
+    pub_ok(port, &["--cafile", &ca1, "-t", "x", "-m", "before"]);
+
+    let s2 = second.server();
+    std::fs::copy(&s2.cert, &cert).expect("copy");
+    std::fs::copy(&s2.key, &key).expect("copy");
+    signal(broker.proc.pid(), "-HUP");
+    broker.wait_log(&["TLS certificate reloaded"], WAIT);
+    pub_ok(port, &["--cafile", &ca2, "-t", "x", "-m", "after"]);
+    let f = run(
+        "mosquitto_pub",
+        mosquitto(
+            "mosquitto_pub",
+            port,
+            &["--cafile", &ca1, "-t", "x", "-m", "old CA"],
+        ),
+        WAIT,
+    );
+    assert!(!f.status.success(), "the old certificate is still served");
 }

@@ -425,3 +425,59 @@ async fn a_websocket_listener_takes_no_anonymous_clients_unless_told_even_on_loo
     assert_eq!(ack.reason, ReasonCode::NOT_AUTHORIZED);
     b.stop().await;
 }
+
+/// A client-to-server frame, masked as RFC 6455 section 5.3 requires; payloads under 126.
+fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut f = vec![(u8::from(fin) << 7) | opcode, 0x80 | payload.len() as u8];
+    f.extend(mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+#[tokio::test]
+async fn a_packet_in_a_fragmented_websocket_message_is_read() {
+    let b = TestBroker::with_config(ws_config()).await;
+    let mut s = TcpStream::connect(b.addr).await.expect("connect");
+    s.write_all(
+        b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Protocol: mqtt\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(WAIT, s.read_exact(&mut byte))
+            .await
+            .expect("upgrade answer in time")
+            .expect("read");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // CONNECT in one message of three frames: binary without FIN, two continuations.
+    let connect = connect_v311("fragmented", true, 60);
+    s.write_all(&masked_frame(false, 0x2, &connect[..4]))
+        .await
+        .expect("write");
+    s.write_all(&masked_frame(false, 0x0, &connect[4..9]))
+        .await
+        .expect("write");
+    s.write_all(&masked_frame(true, 0x0, &connect[9..]))
+        .await
+        .expect("write");
+    let mut frame = [0u8; 6];
+    tokio::time::timeout(WAIT, s.read_exact(&mut frame))
+        .await
+        .expect("CONNACK in time")
+        .expect("read");
+    // An unmasked binary frame of 4 bytes holding CONNACK, accepted.
+    assert_eq!(frame, [0x82, 0x04, 0x20, 0x02, 0x00, 0x00]);
+    b.stop().await;
+}

@@ -12,10 +12,16 @@ pub(crate) struct FilterSet {
     root: Node,
 }
 
+/// Past this many literal children a node keeps a hash index; below it a linear scan of
+/// short strings is cheaper than hashing the level.
+const SCAN_MAX: usize = 8;
+
 #[derive(Debug, Clone, Default)]
 struct Node {
     /// Literal next levels.
-    children: HashMap<String, Node>,
+    children: Vec<(String, Node)>,
+    /// Positions in `children` by level, once there are more than `SCAN_MAX`.
+    index: Option<HashMap<String, usize>>,
     /// A `+` next level.
     plus: Option<Box<Node>>,
     /// A filter ends here with `#`: it matches this level and everything below.
@@ -36,7 +42,7 @@ impl FilterSet {
                     return;
                 }
                 "+" => node = node.plus.get_or_insert_with(Default::default),
-                literal => node = node.children.entry(literal.to_string()).or_default(),
+                literal => node = node.child_mut(literal),
             }
         }
         node.end = true;
@@ -60,7 +66,7 @@ impl FilterSet {
             let Some(level) = levels.next() else {
                 return node.end;
             };
-            if let Some(child) = node.children.get(level) {
+            if let Some(child) = node.child(level) {
                 if walk(child, levels.clone(), true) {
                     return true;
                 }
@@ -71,6 +77,46 @@ impl FilterSet {
             }
         }
         walk(&self.root, topic.split('/'), !topic.starts_with('$'))
+    }
+}
+
+impl Node {
+    fn child(&self, level: &str) -> Option<&Node> {
+        match &self.index {
+            Some(index) => index.get(level).map(|&i| &self.children[i].1),
+            None => self
+                .children
+                .iter()
+                .find(|(l, _)| l == level)
+                .map(|(_, n)| n),
+        }
+    }
+
+    fn child_mut(&mut self, level: &str) -> &mut Node {
+        let found = match &self.index {
+            Some(index) => index.get(level).copied(),
+            None => self.children.iter().position(|(l, _)| l == level),
+        };
+        let i = match found {
+            Some(i) => i,
+            None => {
+                self.children.push((level.to_string(), Node::default()));
+                let i = self.children.len() - 1;
+                if let Some(index) = &mut self.index {
+                    index.insert(level.to_string(), i);
+                } else if self.children.len() > SCAN_MAX {
+                    self.index = Some(
+                        self.children
+                            .iter()
+                            .enumerate()
+                            .map(|(i, (l, _))| (l.clone(), i))
+                            .collect(),
+                    );
+                }
+                i
+            }
+        };
+        &mut self.children[i].1
     }
 }
 
@@ -106,7 +152,11 @@ mod tests {
                 );
             }
         }
-        // Any of many.
+        // Any of many (past SCAN_MAX children at a node, so the hash index is used too).
+        let mut many: Vec<String> = (0..20).map(|i| format!("n{i}/#")).collect();
+        many.push("a/b".into());
+        let big = set(&many.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(big.matches("n17/x") && !big.matches("n20/x") && big.matches("a/b"));
         let s = set(&filters);
         for t in topics {
             let any = filters.iter().any(|f| crate::topic::matches(f, t));

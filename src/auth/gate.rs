@@ -26,6 +26,11 @@ pub fn acl_epoch() -> u64 {
     EPOCH.load(Ordering::Acquire)
 }
 
+/// `epoch` as a delivery carries it (`Delivery::acl_epoch`): its low 32 bits, never 0.
+pub fn epoch_tag(epoch: u64) -> u32 {
+    (epoch as u32).max(1)
+}
+
 /// What CONNECT's credentials earned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

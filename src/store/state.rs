@@ -178,6 +178,7 @@ impl State {
                                 retain,
                                 subscription_ids,
                                 seq,
+                                acl_epoch: 0,
                             },
                             sent: None,
                         },
