@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::filters::FilterSet;
 use crate::topic;
@@ -59,6 +60,10 @@ pub struct AclFile {
     users: HashMap<String, Vec<Rule>>,
     /// `pattern` lines, wherever they appear.
     patterns: Vec<Rule>,
+    /// `anonymous` and `users` compiled once, shared by every client they apply to: a
+    /// thousand-rule section costs its memory once, not once per connection.
+    compiled_anonymous: Arc<Rules>,
+    compiled_users: HashMap<String, Arc<Rules>>,
 }
 
 /// Why an ACL file could not be read or parsed.
@@ -156,6 +161,12 @@ impl AclFile {
                 }
             }
         }
+        acl.compiled_anonymous = Arc::new(Rules::of(&acl.anonymous));
+        acl.compiled_users = acl
+            .users
+            .iter()
+            .map(|(user, rules)| (user.clone(), Arc::new(Rules::of(rules))))
+            .collect();
         Ok(acl)
     }
 
@@ -180,20 +191,17 @@ impl AclFile {
     /// would widen the rule beyond the client's own topics), and a `%u` pattern is left out for
     /// an anonymous client.
     pub fn for_client(&self, username: Option<&str>, client_id: &str) -> ClientAcl {
-        let mut acl = ClientAcl::default();
-        let own = match username {
-            Some(user) => self.users.get(user),
-            None => Some(&self.anonymous),
+        let section = match username {
+            Some(user) => self.compiled_users.get(user).cloned(),
+            None => Some(self.compiled_anonymous.clone()),
         };
-        for rule in own.into_iter().flatten() {
-            acl.add(rule.access, rule.filter.clone());
-        }
+        let mut patterns = Rules::default();
         for rule in &self.patterns {
             if let Some(filter) = substitute(&rule.filter, username, client_id) {
-                acl.add(rule.access, filter);
+                patterns.add(rule.access, filter);
             }
         }
-        acl
+        ClientAcl { section, patterns }
     }
 }
 
@@ -264,6 +272,16 @@ pub(crate) fn covers(rule: &str, filter: &str) -> bool {
 /// since that is what decides which topics the client receives.
 #[derive(Debug, Clone, Default)]
 pub struct ClientAcl {
+    /// The client's own section (the anonymous one, or its user's), shared with every other
+    /// client it applies to; `None` for a user without a section.
+    section: Option<Arc<Rules>>,
+    /// The `pattern` rules with this client's values substituted.
+    patterns: Rules,
+}
+
+/// Rules split by what they decide.
+#[derive(Debug, Clone, Default)]
+struct Rules {
     /// Filters of `deny` rules, kept apart: they are asked first.
     deny: FilterSet,
     /// Filters of `read` and `readwrite` rules.
@@ -272,7 +290,15 @@ pub struct ClientAcl {
     write: FilterSet,
 }
 
-impl ClientAcl {
+impl Rules {
+    fn of(rules: &[Rule]) -> Rules {
+        let mut out = Rules::default();
+        for r in rules {
+            out.add(r.access, r.filter.clone());
+        }
+        out
+    }
+
     fn add(&mut self, access: Access, filter: String) {
         match access {
             Access::Deny => self.deny.push(filter),
@@ -284,18 +310,25 @@ impl ClientAcl {
             }
         }
     }
+}
+
+impl ClientAcl {
+    /// Both rule sets that apply, own section first.
+    fn sets(&self) -> impl Iterator<Item = &Rules> {
+        self.section.as_deref().into_iter().chain([&self.patterns])
+    }
 
     /// May this client publish to `topic`? Yes iff no deny rule matches it and some
     /// `write`/`readwrite` rule does.
     pub fn can_publish(&self, topic: &str) -> bool {
-        !self.deny.matches(topic) && self.write.matches(topic)
+        !self.sets().any(|r| r.deny.matches(topic)) && self.sets().any(|r| r.write.matches(topic))
     }
 
     /// May a message on `topic` be delivered to this client? Yes iff no deny rule matches it
     /// and some `read`/`readwrite` rule does. Runs once per delivered message, so it never
     /// allocates.
     pub fn can_receive(&self, topic: &str) -> bool {
-        !self.deny.matches(topic) && self.read.matches(topic)
+        !self.sets().any(|r| r.deny.matches(topic)) && self.sets().any(|r| r.read.matches(topic))
     }
 
     /// May this client subscribe to `filter`? Yes iff no deny rule covers it and some
@@ -304,7 +337,12 @@ impl ClientAcl {
     /// A deny rule that only overlaps the filter (deny `a/b`, subscribe `a/#`) does not refuse
     /// the subscription; [`can_receive`](Self::can_receive) then withholds the denied topics.
     pub fn can_subscribe(&self, filter: &str) -> bool {
-        !self.deny.iter().any(|f| covers(f, filter)) && self.read.iter().any(|f| covers(f, filter))
+        !self
+            .sets()
+            .any(|r| r.deny.iter().any(|f| covers(f, filter)))
+            && self
+                .sets()
+                .any(|r| r.read.iter().any(|f| covers(f, filter)))
     }
 }
 
