@@ -250,6 +250,13 @@ for group in $ONLY; do
         "$(ratio "$(value msgs_per_s "$RES_tetheracl")" "$(value msgs_per_s "$RES_tether")")" \
         ">=0.9" "$(acc "$RES_tetheracl")" "$(acc "$RES_tether")"
     done
+    # Broker CPU per message at a fixed rate: steadier than saturated throughput on two
+    # shared cores, where a 10% difference is within run-to-run noise.
+    run acl msgs_per_cpu_s fan-in --publishers 8 --qos 1 --rate 100000 --duration 4
+    printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' "acl-1000 q1 msg/cpu-s @100k" \
+      "$(value msgs_per_cpu_s "$RES_tetheracl")" "$(value msgs_per_cpu_s "$RES_tether")" \
+      "$(ratio "$(value msgs_per_cpu_s "$RES_tetheracl")" "$(value msgs_per_cpu_s "$RES_tether")")" \
+      ">=0.9" "$(acc "$RES_tetheracl")" "$(acc "$RES_tether")"
     BROKERS="tether mosquitto"
     ;;
   *) echo "compare: unknown group $group" >&2 ;;

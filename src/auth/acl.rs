@@ -291,6 +291,10 @@ struct Rules {
 }
 
 impl Rules {
+    fn is_empty(&self) -> bool {
+        self.deny.is_empty() && self.read.is_empty() && self.write.is_empty()
+    }
+
     fn of(rules: &[Rule]) -> Rules {
         let mut out = Rules::default();
         for r in rules {
@@ -315,7 +319,9 @@ impl Rules {
 impl ClientAcl {
     /// Both rule sets that apply, own section first.
     fn sets(&self) -> impl Iterator<Item = &Rules> {
-        self.section.as_deref().into_iter().chain([&self.patterns])
+        // Most files have no patterns: skip their empty set rather than walk it per message.
+        let patterns = (!self.patterns.is_empty()).then_some(&self.patterns);
+        self.section.as_deref().into_iter().chain(patterns)
     }
 
     /// May this client publish to `topic`? Yes iff no deny rule matches it and some

@@ -49,6 +49,11 @@ impl FilterSet {
         self.filters.push(filter);
     }
 
+    /// Whether the set has no filter.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
     /// The filters as written.
     pub(crate) fn iter(&self) -> std::slice::Iter<'_, String> {
         self.filters.iter()
