@@ -18,7 +18,7 @@ use crate::auth::gate::Verdict;
 use crate::broker::Broker;
 use crate::codec::{self, DecodeError};
 use crate::inspect::SessionInfo;
-use crate::mailbox::Mailbox;
+use crate::mailbox::{Mailbox, MailboxAcl};
 use crate::packet::{
     Ack, ConnAck, ConnAckProperties, Connect, Disconnect, Packet, ProtocolVersion, QoS, ReasonCode,
 };
@@ -40,6 +40,10 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// reset, which fails the client's next write and can discard the final DISCONNECT still on its
 /// way; bounded so a client that never stops writing cannot hold the connection slot.
 pub const LINGER: Duration = Duration::from_secs(2);
+/// The same for a connection refused before it had a session (CONNACK failure, bad first
+/// packet): shorter, since a client hammering the broker with bad CONNECTs (say, guessing
+/// passwords) would otherwise hold a connection slot for the whole `LINGER` each time.
+pub const REFUSE_LINGER: Duration = Duration::from_millis(500);
 /// Pause between two claims of a Client ID whose takeover is already in progress.
 const BUSY_RETRY: Duration = Duration::from_millis(5);
 /// Read buffer growth step.
@@ -134,7 +138,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
                 let mut out = BytesMut::new();
                 let _ = codec::encode(&ack, ProtocolVersion::V311, None, &mut out);
                 let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&out)).await;
-                linger_close(&mut stream, &mut shutdown).await;
+                linger_close(&mut stream, &mut shutdown, REFUSE_LINGER).await;
                 return;
             }
             Ok(Err(ConnectError::Decode(e))) => {
@@ -145,7 +149,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
                 if codec::connect_version(&inbuf).is_some_and(|v| v.is_v5()) {
                     refuse(&mut stream, ProtocolVersion::V5, e.reason_code(), &mut shutdown).await;
                 } else {
-                    linger_close(&mut stream, &mut shutdown).await;
+                    linger_close(&mut stream, &mut shutdown, REFUSE_LINGER).await;
                 }
                 return;
             }
@@ -182,7 +186,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
                 )
                 .await;
             } else {
-                linger_close(&mut stream, &mut shutdown).await;
+                linger_close(&mut stream, &mut shutdown, REFUSE_LINGER).await;
             }
             return;
         }
@@ -235,13 +239,12 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     };
     // A name nobody checked is not an identity: without a password file (and no
     // certificate) the client is anonymous to the ACL too.
-    let username = if identity || broker.auth.checks_passwords() {
-        username
-    } else {
-        None
+    let username = match verdict {
+        Verdict::Allowed { verified: true } => username,
+        _ => None,
     };
     let refused = match verdict {
-        Verdict::Allowed => None,
+        Verdict::Allowed { .. } => None,
         Verdict::BadCredentials => {
             Stats::incr(&broker.stats.auth_bad_credentials);
             Some(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
@@ -257,7 +260,6 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
         return;
     }
     let acl_generation = broker.auth.acl_generation();
-    let acl_epoch = crate::auth::gate::acl_epoch();
     let acl = broker.auth.client_acl(username.as_deref(), &client_id);
     if let (Some(acl), Some(will)) = (&acl, &connect.will) {
         if !acl.can_publish(&will.topic) {
@@ -411,7 +413,11 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
 
     let mut conn = Conn::new(broker.clone(), &connect, client_id.clone(), generation);
     conn.username = username.map(Arc::from);
-    session.mailbox.set_acl(acl.clone().map(|a| (acl_epoch, a)));
+    session.mailbox.set_acl(acl.clone().map(|rules| MailboxAcl {
+        generation: acl_generation,
+        current: broker.auth.acl_generation_counter(),
+        rules,
+    }));
     conn.acl = acl;
     conn.acl_generation = acl_generation;
     conn.keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
@@ -711,29 +717,32 @@ async fn refuse(
     if codec::encode(&connack(false, reason), protocol, None, &mut out).is_ok() {
         let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&out)).await;
     }
-    linger_close(stream, shutdown).await;
+    linger_close(stream, shutdown, REFUSE_LINGER).await;
 }
 
 /// End the output (FIN; TLS close_notify; a WebSocket Close frame), then read and discard
 /// input until the client closes too, for at most `LINGER`, so what was written reaches the
 /// client rather than being cut off by a reset. Broker shutdown ends the wait at once: the
 /// drain must not wait on clients.
-async fn linger_close(stream: &mut Stream, shutdown: &mut Shutdown) {
-    if !matches!(
-        timeout(CLOSE_FLUSH_TIMEOUT, stream.shutdown()).await,
-        Ok(Ok(()))
-    ) {
+async fn linger_close(stream: &mut Stream, shutdown: &mut Shutdown, bound: Duration) {
+    // One deadline for ending the output and for the linger after it.
+    let deadline = Instant::now() + bound;
+    let ended = tokio::select! {
+        biased;
+        _ = shutdown.recv() => return,
+        r = tokio::time::timeout_at(deadline, stream.shutdown()) => matches!(r, Ok(Ok(()))),
+    };
+    if !ended {
         // The output cannot even be ended: nothing more will reach this client anyway.
         return;
     }
-    let deadline = Instant::now() + LINGER;
     // Allocated only now: idle connections must not carry it.
     let mut discard = vec![0u8; READ_CHUNK];
     loop {
         // `timeout_at` alone would never fire for a client that always has input ready: it
         // polls the read first.
         if Instant::now() >= deadline {
-            debug!("client still sending {LINGER:?} after the close; cutting it off");
+            debug!("client still sending {bound:?} after the close; cutting it off");
             return;
         }
         tokio::select! {
@@ -1096,5 +1105,5 @@ async fn finish(
     }
     // The session is parked or handed over already: lingering delays nobody but this task,
     // which still holds its slot of the listener's connection limit.
-    linger_close(&mut stream, &mut shutdown).await;
+    linger_close(&mut stream, &mut shutdown, LINGER).await;
 }

@@ -16,7 +16,7 @@ use std::sync::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::auth::acl::ClientAcl;
-use crate::auth::gate::{acl_epoch, epoch_tag};
+use crate::auth::gate::epoch_tag;
 use crate::config::{OverflowPolicy, SessionConfig};
 use crate::message::Delivery;
 use crate::packet::QoS;
@@ -72,7 +72,19 @@ struct Inner {
     /// The session's ACL rules as its last connection had them, with the ACL epoch they were
     /// made in: a message the client may not read is not queued, so it takes no queue space
     /// (and a shared group gives it to a member who may). Set by the connection task.
-    acl: Option<Box<(u64, std::sync::Arc<ClientAcl>)>>,
+    acl: Option<Box<MailboxAcl>>,
+}
+
+/// A session's ACL rules as its queue uses them while routing.
+#[derive(Debug)]
+pub struct MailboxAcl {
+    /// The gate's ACL generation the rules were made in.
+    pub generation: u64,
+    /// The gate's generation counter: once it moves on, these rules are stale and routing
+    /// stops applying them (the connection checks at delivery until it installs new ones).
+    pub current: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The client's rules.
+    pub rules: std::sync::Arc<ClientAcl>,
 }
 
 /// What happened to a pushed delivery.
@@ -133,15 +145,16 @@ impl Mailbox {
             if q.closed {
                 return Pushed::Closed;
             }
-            if let Some((epoch, acl)) = q.acl.as_deref() {
-                if *epoch == acl_epoch() {
-                    if !acl.can_receive(&d.msg.topic) {
+            if let Some(acl) = q.acl.as_deref() {
+                if acl.generation == acl.current.load(std::sync::atomic::Ordering::Acquire) {
+                    if !acl.rules.can_receive(&d.msg.topic) {
                         drop(q);
                         Stats::incr(&stats.acl_denied_delivery);
                         return Pushed::Denied;
                     }
-                    // Checked under rules still current: the connection need not again.
-                    d.acl_epoch = epoch_tag(*epoch);
+                    // Checked under the installed rules, still current: the connection that
+                    // installed them need not check again.
+                    d.acl_epoch = epoch_tag(acl.generation);
                 }
             }
             let outcome =
@@ -211,10 +224,16 @@ impl Mailbox {
         outcome
     }
 
-    /// Use `acl` (made in ACL epoch `epoch`) to refuse messages while routing; `None` = no
-    /// ACL configured.
-    pub fn set_acl(&self, acl: Option<(u64, std::sync::Arc<ClientAcl>)>) {
-        self.lock().acl = acl.map(Box::new);
+    /// Use `acl` to refuse messages while routing (`None`: no ACL configured), installed by
+    /// the connection that owns the session now.
+    pub fn set_acl(&self, acl: Option<MailboxAcl>) {
+        let mut q = self.lock();
+        // What is queued was checked against the previous rules (maybe another user's, before
+        // a resume): the connection must check it again against its own.
+        for d in q.queue.iter_mut() {
+            d.acl_epoch = 0;
+        }
+        q.acl = acl.map(Box::new);
     }
 
     /// Take the oldest queued delivery.

@@ -13,10 +13,10 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::auth::acl::ClientAcl;
-use crate::auth::gate::{acl_epoch, epoch_tag};
+use crate::auth::gate::epoch_tag;
 use crate::broker::Broker;
 use crate::codec::{self, DecodeError, EncodeError};
-use crate::mailbox::Mailbox;
+use crate::mailbox::{Mailbox, MailboxAcl};
 use crate::message::{Delivery, Message};
 use crate::packet::{
     Ack, Connect, Packet, ProtocolVersion, Publish, QoS, ReasonCode, RetainHandling, SubAck,
@@ -197,13 +197,16 @@ impl Conn {
     pub fn refresh_acl(&mut self, mailbox: &Mailbox) {
         let generation = self.broker.auth.acl_generation();
         if generation != self.acl_generation {
-            let epoch = crate::auth::gate::acl_epoch();
             self.acl = self
                 .broker
                 .auth
                 .client_acl(self.username.as_deref(), &self.client_id);
             self.acl_generation = generation;
-            mailbox.set_acl(self.acl.clone().map(|a| (epoch, a)));
+            mailbox.set_acl(self.acl.clone().map(|rules| MailboxAcl {
+                generation,
+                current: self.broker.auth.acl_generation_counter(),
+                rules,
+            }));
         }
     }
 
@@ -281,18 +284,20 @@ impl Conn {
             };
             if d.msg.expired(now) {
                 Stats::incr(&self.broker.stats.dropped_expired);
+                discarded(s, &d);
                 continue;
             }
             // A wildcard subscription may match topics the client may not read, and a reload
             // may have taken away what it subscribed to. The mailbox already checked what was
             // queued under the rules still current.
-            if d.acl_epoch != epoch_tag(acl_epoch())
+            if d.acl_epoch != epoch_tag(self.acl_generation)
                 && self
                     .acl
                     .as_ref()
                     .is_some_and(|a| !a.can_receive(&d.msg.topic))
             {
                 Stats::incr(&self.broker.stats.acl_denied_delivery);
+                discarded(s, &d);
                 continue;
             }
             let mut publish = s.start_delivery(d, now);
@@ -702,5 +707,13 @@ impl OutboundAliases {
             None => self.last_used.push(self.clock),
         }
         self.by_topic.insert(new.topic, new.alias);
+    }
+}
+
+/// A queued delivery dropped without being sent (expired, or refused by the ACL): its stored
+/// copy is done too, so a restart does not queue it again.
+fn discarded(s: &Session, d: &Delivery) {
+    if let (Some(log), true) = (&s.log, d.seq != 0) {
+        log.done(d.seq);
     }
 }

@@ -603,3 +603,38 @@ async fn messages_a_subscriber_may_not_read_take_no_room_in_its_queue() {
     );
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_session_resumed_by_another_client_gets_only_what_that_client_may_read() {
+    let dir = temp("acl-resume");
+    let b = broker_with(Some(acl_users(&dir)), Some(ACL), &dir).await;
+    let persistent = |user: Option<&str>| {
+        let mut c = connect(
+            ProtocolVersion::V5,
+            "shared-id",
+            user,
+            user.map(|u| format!("pw-{u}")).as_deref(),
+        );
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(600);
+        c
+    };
+    let mut alice = b.v5_client(persistent(Some("alice")), false).await;
+    alice.sub_v5(1, "home/#", QoS::AtLeastOnce).await;
+    drop(alice);
+    b.wait_offline("shared-id").await;
+    // Queued for alice, checked against alice's rules on the way in.
+    let mut admin = login(&b, ProtocolVersion::V311, "admin-r", Some("admin")).await;
+    admin
+        .send(&publish("home/hall", 1, 1, false, false, b"for alice"))
+        .await;
+    admin.expect_bytes(&ack(0x40, 1)).await;
+    // An anonymous client resumes the same Client ID: it may not read home/#.
+    let mut other = b.v5_client(persistent(None), true).await;
+    other.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(
+        b.broker.stats.acl_denied_delivery.load(Ordering::Relaxed),
+        1
+    );
+    b.stop().await;
+}

@@ -16,26 +16,21 @@ use crate::config::AuthConfig;
 /// Password checks running at once; more CONNECTs wait their turn.
 const CONCURRENT_HASHES: usize = 2;
 
-/// Bumped by every ACL load of any gate in the process. A session queue keeps its client's
-/// rules with the epoch they were made in and applies them while routing only while no
-/// reload has happened since (after one, the connection's own check at delivery decides).
-static EPOCH: AtomicU64 = AtomicU64::new(0);
-
-/// The process-wide ACL epoch now (see [`EPOCH`]).
-pub fn acl_epoch() -> u64 {
-    EPOCH.load(Ordering::Acquire)
-}
-
-/// `epoch` as a delivery carries it (`Delivery::acl_epoch`): its low 32 bits, never 0.
-pub fn epoch_tag(epoch: u64) -> u32 {
-    (epoch as u32).max(1)
+/// An ACL generation as a delivery carries it (`Delivery::acl_epoch`): its low 32 bits,
+/// never 0 (0 = not checked).
+pub fn epoch_tag(generation: u64) -> u32 {
+    (generation as u32).max(1)
 }
 
 /// What CONNECT's credentials earned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Accepted.
-    Allowed,
+    /// Accepted; `verified` when the username was proven (password or certificate), so it
+    /// may select ACL rules. An unverified client is anonymous to the ACL.
+    Allowed {
+        /// The username was checked.
+        verified: bool,
+    },
     /// Unknown user or wrong password (3.1.1 CONNACK 4, v5 0x86).
     BadCredentials,
     /// No acceptable identity: anonymous where it is not allowed, or no certificate name
@@ -49,9 +44,13 @@ pub enum Verdict {
 pub struct Gate {
     passwords: RwLock<Option<Arc<PasswordFile>>>,
     acl: RwLock<Option<Arc<AclFile>>>,
-    /// Bumped by every ACL load, so a connection knows to recompute its rules.
-    acl_generation: AtomicU64,
-    hashing: Semaphore,
+    /// Bumped by every load of the files (from 1), so a connection knows to recompute its
+    /// rules; shared with the session queues holding rules of this gate, which use them while
+    /// routing only as long as the generation they were made in is current.
+    acl_generation: Arc<AtomicU64>,
+    /// Bounds the password hashes running at once; a permit travels with its hash onto the
+    /// blocking pool, so a CONNECT that gives up waiting cannot leave a hash unaccounted.
+    hashing: Arc<Semaphore>,
 }
 
 impl Default for Gate {
@@ -59,8 +58,8 @@ impl Default for Gate {
         Gate {
             passwords: RwLock::new(None),
             acl: RwLock::new(None),
-            acl_generation: AtomicU64::new(0),
-            hashing: Semaphore::new(CONCURRENT_HASHES),
+            acl_generation: Arc::new(AtomicU64::new(1)),
+            hashing: Arc::new(Semaphore::new(CONCURRENT_HASHES)),
         }
     }
 }
@@ -107,15 +106,8 @@ impl Gate {
         };
         write(&self.passwords, passwords);
         write(&self.acl, acl);
-        EPOCH.fetch_add(1, Ordering::AcqRel);
-        self.acl_generation.fetch_add(1, Ordering::Release);
+        self.acl_generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
-    }
-
-    /// Whether usernames are checked (a password file is loaded). Without one a username is
-    /// a claim, not an identity, and must not select ACL rules.
-    pub fn checks_passwords(&self) -> bool {
-        read(&self.passwords).is_some()
     }
 
     /// Decide CONNECT's credentials. `username` is the CONNECT's, or the certificate's CN
@@ -130,7 +122,7 @@ impl Gate {
     ) -> Verdict {
         if identity {
             return match username {
-                Some(_) => Verdict::Allowed,
+                Some(_) => Verdict::Allowed { verified: true },
                 None => Verdict::NotAuthorized,
             };
         }
@@ -139,7 +131,7 @@ impl Gate {
             // Without a password file a username proves nothing: the client counts as
             // anonymous (and the caller must not use the name for the ACL either).
             return if allow_anonymous {
-                Verdict::Allowed
+                Verdict::Allowed { verified: false }
             } else {
                 Verdict::NotAuthorized
             };
@@ -151,16 +143,25 @@ impl Gate {
             // No hash to check: answered at once, without a place in the hashing queue.
             return Verdict::BadCredentials;
         }
-        let Ok(_permit) = self.hashing.acquire().await else {
+        let Ok(permit) = self.hashing.clone().acquire_owned().await else {
             return Verdict::NotAuthorized;
         };
         let user = user.to_string();
-        let ok = tokio::task::spawn_blocking(move || passwords.verify(&user, &password)).await;
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            passwords.verify(&user, &password)
+        })
+        .await;
         if ok.unwrap_or(false) {
-            Verdict::Allowed
+            Verdict::Allowed { verified: true }
         } else {
             Verdict::BadCredentials
         }
+    }
+
+    /// The counter behind [`Gate::acl_generation`], for a session queue to compare with.
+    pub fn acl_generation_counter(&self) -> Arc<AtomicU64> {
+        self.acl_generation.clone()
     }
 
     /// The ACL generation now; a connection whose rules are older recomputes them.
