@@ -1726,3 +1726,80 @@ async fn v5_each_connect_refusal_site_sends_the_code_the_spec_names_section_4_13
     assert!(b.broker.registry.is_empty());
     b.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. What a subscriber sees of a PUBLISH from another connection around its SUBACK
+// ---------------------------------------------------------------------------------------------
+
+/// A 3.1.1 client with Clean Session 1 whose CONNACK has been read.
+async fn clean_v311(b: &TestBroker, id: &str) -> Raw {
+    let mut c = b.raw().await;
+    c.send(&connect_v311(id, true, 60)).await;
+    c.expect_bytes(&[0x20, 0x02, 0x00, 0x00]).await;
+    c
+}
+
+/// No spec promise covers a PUBLISH routed before the subscriber's SUBACK, but one routed
+/// after it must reach the subscriber: the subscription is in the router before the SUBACK is
+/// written [MQTT-3.8.4-1, MQTT-3.8.4-3 "new Subscription"]. B subscribes and reads its SUBACK,
+/// then A publishes; 200 times over with fresh clients, every message is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_read_after_the_subscribers_suback_is_always_delivered() {
+    let b = TestBroker::start().await;
+    for i in 0..200u16 {
+        let topic = format!("order/after/{i}");
+        let mut sub = clean_v311(&b, &format!("oa-sub-{i}")).await;
+        let mut publ = clean_v311(&b, &format!("oa-pub-{i}")).await;
+        sub.send(&subscribe(1, &topic, 0)).await;
+        sub.expect_bytes(&[0x90, 0x03, 0x00, 0x01, 0x00]).await;
+        let msg = publish(&topic, 0, 0, false, false, b"m");
+        publ.send(&msg).await;
+        sub.expect_bytes(&msg).await;
+        publ.send(&[0xe0, 0x00]).await;
+        sub.send(&[0xe0, 0x00]).await;
+    }
+    b.stop().await;
+}
+
+/// The moment before the SUBACK, measured: B sends SUBSCRIBE and A, without waiting for B's
+/// SUBACK, publishes "early" at once. Whether B gets it depends on which connection the broker
+/// reads first; the hit rate is printed (run with `--nocapture`), not asserted. What is
+/// asserted is the SUBACK guarantee: "late", published once B has its SUBACK, always arrives.
+///
+/// The broker runs on a runtime of its own with two workers, as `tether` does on two cores,
+/// so that the clients' writes do not share its scheduler.
+#[tokio::test]
+async fn subscribe_racing_a_publish_from_another_connection_measured() {
+    const TRIES: u16 = 160;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("broker runtime");
+    let b = rt.spawn(TestBroker::start()).await.expect("broker started");
+    let mut hits = 0;
+    for i in 0..TRIES {
+        let topic = format!("order/race/{i}");
+        let mut sub = clean_v311(&b, &format!("or-sub-{i}")).await;
+        let mut publ = clean_v311(&b, &format!("or-pub-{i}")).await;
+        let early = publish(&topic, 0, 0, false, false, b"early");
+        let late = publish(&topic, 0, 0, false, false, b"late");
+        sub.send(&subscribe(1, &topic, 0)).await;
+        publ.send(&early).await;
+        sub.expect_bytes(&[0x90, 0x03, 0x00, 0x01, 0x00]).await;
+        publ.send(&late).await;
+        let first = sub.read_exact(late.len()).await;
+        if first == early[..late.len()] {
+            hits += 1;
+            sub.expect_bytes(&early[late.len()..]).await;
+            sub.expect_bytes(&late).await;
+        } else {
+            assert_eq!(first, late, "only `early` or `late` can arrive");
+        }
+        publ.send(&[0xe0, 0x00]).await;
+        sub.send(&[0xe0, 0x00]).await;
+    }
+    println!("SUBSCRIBE racing a PUBLISH: delivered {hits} of {TRIES}");
+    b.stop().await;
+    rt.shutdown_background();
+}
