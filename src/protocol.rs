@@ -319,6 +319,14 @@ impl Conn {
     /// Resolve an inbound topic alias into the topic name (v5 section 3.3.2.3.4).
     fn resolve_alias(&mut self, p: &mut Publish) -> Result<(), Exit> {
         let Some(alias) = p.properties.topic_alias.take() else {
+            if p.topic.is_empty() {
+                // Section 3.3.2.1 names this a Protocol Error, not 0x90 Topic Name invalid:
+                // the name is missing rather than refused.
+                return Err(Exit::Violation(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "zero-length Topic Name without a Topic Alias (section 3.3.2.1)",
+                ));
+            }
             return Ok(());
         };
         if alias == 0 || alias > self.broker.config.listener.topic_alias_maximum {

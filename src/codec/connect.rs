@@ -46,11 +46,11 @@ pub(crate) fn decode_connect(mut r: Reader) -> Result<Connect, DecodeError> {
     let will_retain = flags & FLAG_WILL_RETAIN != 0;
     if !will_flag && (will_qos_bits != 0 || will_retain) {
         return Err(DecodeError::Malformed(
-            "will QoS/retain without will flag [MQTT-3.1.2-13, MQTT-3.1.2-15]",
+            "will QoS/retain without will flag [MQTT-3.1.2-11, MQTT-3.1.2-13]",
         ));
     }
     let will_qos =
-        QoS::from_u8(will_qos_bits).ok_or(DecodeError::Malformed("will QoS 3 [MQTT-3.1.2-14]"))?;
+        QoS::from_u8(will_qos_bits).ok_or(DecodeError::Malformed("will QoS 3 [MQTT-3.1.2-12]"))?;
     let has_user = flags & FLAG_USERNAME != 0;
     let has_pass = flags & FLAG_PASSWORD != 0;
     if has_pass && !has_user && !protocol.is_v5() {

@@ -177,8 +177,17 @@ pub(crate) fn decode_subscribe(
     while !r.is_empty() {
         let filter = r.string()?;
         let opts = r.u8()?;
-        let qos = QoS::from_u8(opts & 3)
-            .ok_or(DecodeError::Malformed("subscription QoS 3 [MQTT-3.8.3-4]"))?;
+        // The versions disagree on QoS 3: 3.1.1 calls it malformed [MQTT-3-8.3-4], v5 a
+        // Protocol Error (section 3.8.3.1), like Retain Handling 3.
+        let qos = match QoS::from_u8(opts & 3) {
+            Some(q) => q,
+            None if version.is_v5() => {
+                return Err(DecodeError::Protocol(
+                    "subscription Maximum QoS 3 (section 3.8.3.1)",
+                ))
+            }
+            None => return Err(DecodeError::Malformed("subscription QoS 3 [MQTT-3-8.3-4]")),
+        };
         let f = if version.is_v5() {
             if opts & 0b1100_0000 != 0 {
                 return Err(DecodeError::Malformed(
@@ -201,7 +210,7 @@ pub(crate) fn decode_subscribe(
         } else {
             if opts & 0b1111_1100 != 0 {
                 return Err(DecodeError::Malformed(
-                    "reserved subscription option bits set [MQTT-3.8.3-4]",
+                    "reserved subscription option bits set [MQTT-3-8.3-4]",
                 ));
             }
             SubscribeFilter {
@@ -216,7 +225,7 @@ pub(crate) fn decode_subscribe(
     }
     if filters.is_empty() {
         return Err(DecodeError::Protocol(
-            "SUBSCRIBE without filters [MQTT-3.8.3-3]",
+            "SUBSCRIBE without filters [MQTT-3.8.3-2]",
         ));
     }
     Ok(Subscribe {

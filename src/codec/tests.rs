@@ -982,12 +982,12 @@ fn subscription_options() {
         &[0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x04],
         Some(V311),
     ));
-    // QoS 3.
+    // QoS 3: malformed in 3.1.1 [MQTT-3-8.3-4], a Protocol Error in v5 (section 3.8.3.1).
     malformed(dec(
         &[0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x03],
         Some(V311),
     ));
-    malformed(dec(
+    protocol(dec(
         &[0x82, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b'a', 0x03],
         Some(V5),
     ));
