@@ -148,8 +148,8 @@ impl Mailbox {
             if let Some(acl) = q.acl.as_deref() {
                 if acl.generation == acl.current.load(std::sync::atomic::Ordering::Acquire) {
                     if !acl.rules.can_receive(&d.msg.topic) {
-                        drop(q);
-                        Stats::incr(&stats.acl_denied_delivery);
+                        // Counted by the caller: a shared group may still give it to another
+                        // member, and then nothing was refused.
                         return Pushed::Denied;
                     }
                     // Checked under the installed rules, still current: the connection that

@@ -16,7 +16,7 @@ use crate::auth::acl::ClientAcl;
 use crate::auth::gate::epoch_tag;
 use crate::broker::Broker;
 use crate::codec::{self, DecodeError, EncodeError};
-use crate::mailbox::{Mailbox, MailboxAcl};
+use crate::mailbox::{Mailbox, MailboxAcl, Pushed};
 use crate::message::{Delivery, Message};
 use crate::packet::{
     Ack, Connect, Packet, ProtocolVersion, Publish, QoS, ReasonCode, RetainHandling, SubAck,
@@ -595,7 +595,7 @@ impl Conn {
         for (filter, subscription) in retained {
             for msg in self.broker.retained.matching(&filter, now) {
                 let qos = msg.qos.min(subscription.qos);
-                s.mailbox.push(
+                let pushed = s.mailbox.push(
                     Delivery {
                         msg,
                         qos,
@@ -606,6 +606,9 @@ impl Conn {
                     },
                     &self.broker.stats,
                 );
+                if pushed == Pushed::Denied {
+                    Stats::incr(&self.broker.stats.acl_denied_delivery);
+                }
             }
         }
         Ok(())

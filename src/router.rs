@@ -209,6 +209,8 @@ impl Router {
         // A shared delivery is separate from the session's ordinary subscriptions. A member
         // whose session ended a moment ago is skipped for the next one in turn.
         for group in shared {
+            let mut refused = false;
+            let mut taken = false;
             for _ in 0..group.len() {
                 let Some(e) = group.pick() else { break };
                 let ids = e.sub.identifier.into_iter().collect();
@@ -221,9 +223,14 @@ impl Router {
                     stats,
                 ) {
                     // Gone, or not allowed to read it: the next member in turn.
-                    Pushed::Closed | Pushed::Denied => continue,
+                    Pushed::Closed => continue,
+                    Pushed::Denied => {
+                        refused = true;
+                        continue;
+                    }
                     _ => {
                         matched += 1;
+                        taken = true;
                         if let Some(c) = congested.as_deref_mut() {
                             if e.mailbox.congested() {
                                 c.push(e.mailbox.clone());
@@ -232,6 +239,10 @@ impl Router {
                         break;
                     }
                 }
+            }
+            if refused && !taken {
+                // No member may read it: one refusal for the group, not one per member.
+                Stats::incr(&stats.acl_denied_delivery);
             }
         }
         if targets.len() > 1 {
@@ -253,6 +264,9 @@ impl Router {
             }
             let pushed = deliver(mailbox, msg, qos, retain_as_published, ids, stats);
             matched += usize::from(!matches!(pushed, Pushed::Closed | Pushed::Denied));
+            if pushed == Pushed::Denied {
+                Stats::incr(&stats.acl_denied_delivery);
+            }
             if let Some(c) = congested.as_deref_mut() {
                 if mailbox.congested() {
                     c.push(mailbox.clone());

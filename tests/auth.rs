@@ -80,6 +80,7 @@ fn acl_users(dir: &Path) -> PathBuf {
     let file = dir.join("passwd");
     tether_passwd(&file, &["alice", "pw-alice"]);
     tether_passwd(&file, &["admin", "pw-admin"]);
+    tether_passwd(&file, &["bob", "pw-bob"]);
     file
 }
 
@@ -247,6 +248,9 @@ topic write alarms/alice
 
 user admin
 topic write #
+
+user bob
+topic readwrite home/#
 
 pattern readwrite clients/%c/#
 pattern read users/%u/inbox
@@ -635,6 +639,37 @@ async fn a_session_resumed_by_another_client_gets_only_what_that_client_may_read
     assert_eq!(
         b.broker.stats.acl_denied_delivery.load(Ordering::Relaxed),
         1
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_shared_group_gives_a_message_to_a_member_who_may_read_it() {
+    let dir = temp("acl-share");
+    let b = broker_with(Some(acl_users(&dir)), Some(ACL), &dir).await;
+    // alice may not read home/secret, bob may; both are in one group.
+    let mut alice = login(&b, ProtocolVersion::V5, "share-alice", Some("alice")).await;
+    alice.sub_v5(1, "$share/g/home/#", QoS::AtLeastOnce).await;
+    let mut bob = login(&b, ProtocolVersion::V5, "share-bob", Some("bob")).await;
+    bob.sub_v5(1, "$share/g/home/#", QoS::AtLeastOnce).await;
+    let mut admin = login(&b, ProtocolVersion::V311, "admin-s", Some("admin")).await;
+    for i in 1..=4u16 {
+        admin
+            .send(&publish("home/secret", 1, i, false, false, b"s"))
+            .await;
+        admin.expect_bytes(&ack(0x40, i)).await;
+    }
+    for _ in 0..4 {
+        let m = bob.recv_publish().await;
+        assert_eq!(m.topic, "home/secret");
+        bob.send_packet(&Packet::PubAck(tether::packet::Ack::new(m.packet_id)))
+            .await;
+    }
+    alice.expect_silence(Duration::from_millis(200)).await;
+    // Nothing was refused: each message went to a member who may read it.
+    assert_eq!(
+        b.broker.stats.acl_denied_delivery.load(Ordering::Relaxed),
+        0
     );
     b.stop().await;
 }
