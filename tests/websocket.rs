@@ -410,20 +410,25 @@ async fn mqtt_over_websocket_over_tls() {
 }
 
 #[tokio::test]
-async fn a_websocket_listener_takes_no_anonymous_clients_unless_told_even_on_loopback() {
-    // Any page in a local browser can open ws://127.0.0.1: loopback is no protection here.
-    let mut config = ws_config();
-    config.listener.allow_anonymous = None;
-    let b = TestBroker::with_config(config).await;
-    let mut c = ws_open(b.addr, "/mqtt", Some("mqtt"))
-        .await
-        .expect("upgrade");
-    c.frames(&[&connect_v311("page", true, 60)]).await;
-    let Packet::ConnAck(ack) = c.recv_packet().await else {
-        panic!("expected CONNACK");
-    };
-    assert_eq!(ack.reason, ReasonCode::NOT_AUTHORIZED);
-    b.stop().await;
+async fn anonymous_websocket_clients_follow_allow_anonymous() {
+    for (allow, expected) in [
+        // Unset on loopback: allowed, as for any listener.
+        (None, ReasonCode::SUCCESS),
+        (Some(false), ReasonCode::NOT_AUTHORIZED),
+    ] {
+        let mut config = ws_config();
+        config.listener.allow_anonymous = allow;
+        let b = TestBroker::with_config(config).await;
+        let mut c = ws_open(b.addr, "/mqtt", Some("mqtt"))
+            .await
+            .expect("upgrade");
+        c.frames(&[&connect_v311("page", true, 60)]).await;
+        let Packet::ConnAck(ack) = c.recv_packet().await else {
+            panic!("expected CONNACK");
+        };
+        assert_eq!(ack.reason, expected, "allow_anonymous = {allow:?}");
+        b.stop().await;
+    }
 }
 
 /// A client-to-server frame, masked as RFC 6455 section 5.3 requires; payloads under 126.

@@ -71,7 +71,7 @@ pub struct ExtraListener {
     /// HTTP path of the WebSocket upgrade (`transport = "ws"`).
     #[serde(default = "default_ws_path")]
     pub ws_path: String,
-    /// Accept clients without a username; absent = only on a loopback TCP listener.
+    /// Accept clients without a username; absent = only on a loopback address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_anonymous: Option<bool>,
     /// TLS on this listener.
@@ -115,10 +115,10 @@ pub struct ListenerSpec {
 }
 
 impl ListenerSpec {
-    /// Resolve a listener's settings; `allow_anonymous` defaults to "only on a loopback TCP
-    /// listener", so a broker opened to the network never takes anonymous clients unless told
-    /// to. WebSocket listeners are left out even on loopback: any web page a local browser
-    /// opens can reach `ws://127.0.0.1`.
+    /// Resolve a listener's settings; `allow_anonymous` defaults to "only on loopback", so a
+    /// broker opened to the network never takes anonymous clients unless told to. (A
+    /// WebSocket listener on loopback is reachable by any page a local browser opens: the
+    /// documentation says to set `allow_anonymous = false` there when that matters.)
     pub fn new(
         bind: SocketAddr,
         max_connections: usize,
@@ -132,8 +132,7 @@ impl ListenerSpec {
             max_connections,
             transport,
             ws_path: ws_path.to_string(),
-            allow_anonymous: allow_anonymous
-                .unwrap_or(bind.ip().is_loopback() && transport == TransportKind::Tcp),
+            allow_anonymous: allow_anonymous.unwrap_or(bind.ip().is_loopback()),
             tls,
         }
     }
@@ -176,7 +175,7 @@ pub struct ListenerConfig {
     pub transport: TransportKind,
     /// HTTP path of the WebSocket upgrade (`transport = "ws"`).
     pub ws_path: String,
-    /// Accept clients without a username; absent = only on a loopback TCP listener.
+    /// Accept clients without a username; absent = only on a loopback address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_anonymous: Option<bool>,
     /// TLS on this listener.
