@@ -20,6 +20,10 @@ use crate::stats::Stats;
 use crate::store::Store;
 use crate::transport::tls::Certs;
 
+/// Sessions the timer task ends (and at least a quarter of those still held) before it asks
+/// the allocator to return free memory to the system (`memory::trim`).
+const TRIM_AFTER_SESSIONS: usize = 10_000;
+
 /// Everything the connection tasks share. Built once by `server::run`, then handed to each
 /// task as `Arc<Broker>`; dropped when the last task ends.
 #[derive(Debug)]
@@ -247,6 +251,9 @@ impl Broker {
 
     /// The timer task: fires session-expiry (and will-delay) deadlines until shutdown.
     pub async fn run_timers(self: Arc<Self>, mut shutdown: Shutdown) {
+        // Sessions ended since the allocator was last asked to give memory back.
+        let mut freed = 0usize;
+        let trimming = Arc::new(std::sync::atomic::AtomicBool::new(false));
         loop {
             tokio::select! {
                 _ = shutdown.recv() => return,
@@ -276,6 +283,23 @@ impl Broker {
                 }
                 self.registry.compact();
                 self.router.compact();
+                freed += expired;
+                // Relative to what is left, so a mass expiry trims a dozen times, not once per
+                // ten thousand sessions (each trim walks the whole heap).
+                if freed >= TRIM_AFTER_SESSIONS
+                    && freed >= self.registry.len() / 4
+                    && !trimming.swap(true, std::sync::atomic::Ordering::AcqRel)
+                {
+                    // glibc keeps freed memory for reuse; after a mass expiry an operator
+                    // would see RSS stay at its peak. Trimming walks the heap: not on the
+                    // async threads, and one at a time.
+                    freed = 0;
+                    let trimming = trimming.clone();
+                    tokio::task::spawn_blocking(move || {
+                        crate::memory::trim();
+                        trimming.store(false, std::sync::atomic::Ordering::Release);
+                    });
+                }
             }
         }
     }

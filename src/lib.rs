@@ -16,6 +16,7 @@ pub mod http;
 pub mod index;
 pub mod inspect;
 pub mod mailbox;
+pub mod memory;
 pub mod message;
 pub mod packet;
 pub mod protocol;

@@ -63,19 +63,9 @@ fn mib(bytes: Option<u64>) -> String {
 
 /// Hand freed heap back to the kernel so the RSS after expiry shows what is really still
 /// allocated, not what glibc's malloc keeps cached in its arenas.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn trim_heap() {
-    extern "C" {
-        fn malloc_trim(pad: usize) -> i32;
-    }
-    // SAFETY: glibc's malloc_trim only releases free memory; it has no preconditions.
-    unsafe {
-        malloc_trim(0);
-    }
+    tether::memory::trim();
 }
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim_heap() {}
 
 fn assert_live(broker: &Broker, live: u64, at: &str) {
     let live = usize::try_from(live).expect("fits");
