@@ -80,9 +80,17 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     let config = &broker.config;
     // The transport handshake and the CONNECT share one deadline.
     let deadline = Instant::now() + config.connect_timeout();
-    let handshake = tokio::select! {
-        _ = shutdown.recv() => return,
-        r = tokio::time::timeout_at(deadline, endpoint.handshake(tcp, config.listener.max_packet_size)) => r,
+    let handshake = if endpoint.is_plain() {
+        // Nothing to negotiate, and nothing allocated for it: a boxed handshake freed right
+        // away would leave a hole in the heap under each plain connection's long-lived state.
+        Ok(Ok(Stream::Tcp(tcp)))
+    } else {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            // Boxed: the TLS / WebSocket handshake state is kilobytes, and inline it would
+            // size every connection task's future for its whole life.
+            r = tokio::time::timeout_at(deadline, Box::pin(endpoint.handshake(tcp, config.listener.max_packet_size))) => r,
+        }
     };
     let mut stream = match handshake {
         Ok(Ok(s)) => s,
@@ -464,6 +472,10 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     // Everything in flight goes out again, as the window allows (`Conn::pump`).
     session.begin_resume();
 
+    // Everything needed from the CONNECT has been taken (the will is in `conn`): its
+    // heap copy (client id, username, password, will, properties) must not live as long as
+    // the connection.
+    drop(connect);
     let exit = main_loop(
         &mut conn,
         &mut stream,

@@ -85,15 +85,28 @@ impl Stream {
                 ready!(tcp.poll_read_ready(cx))?;
                 buf.reserve(chunk);
                 match tcp.try_read_buf(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Stale readiness: nothing came. Give the buffer back before waiting,
+                        // or every idle connection would sit on a reserved, empty chunk.
+                        if buf.is_empty() {
+                            *buf = BytesMut::new();
+                        }
+                        continue;
+                    }
                     r => return Poll::Ready(r),
                 }
             }
         }
         buf.reserve(chunk);
         // `read_buf` is cancel-safe: a future made and dropped per poll loses nothing.
-        let read = std::pin::pin!(self.read_buf(buf));
-        std::future::Future::poll(read, cx)
+        let read = std::pin::pin!(self.read_buf(&mut *buf));
+        let r = std::future::Future::poll(read, cx);
+        if r.is_pending() && buf.is_empty() {
+            // Waiting: an idle connection holds no read buffer of ours (the transport keeps
+            // its own).
+            *buf = BytesMut::new();
+        }
+        r
     }
 
     /// One step of the connection's I/O: write `out` if non-empty, else flush if `flush`;
@@ -186,6 +199,11 @@ impl Endpoint {
             None => None,
         };
         Ok(Endpoint { spec, tls })
+    }
+
+    /// Plain TCP: no handshake before CONNECT.
+    pub fn is_plain(&self) -> bool {
+        self.tls.is_none() && self.spec.transport == TransportKind::Tcp
     }
 
     /// Turn an accepted socket into the listener's stream: TLS handshake and/or WebSocket
