@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use harness::{black_box, Harness};
-use tether::codec;
-use tether::packet::{Packet, ProtocolVersion, Publish, PublishProperties, QoS};
+use tether::wire::codec;
+use tether::wire::packet::{Packet, ProtocolVersion, Publish, PublishProperties, QoS};
 
 const MAX_PACKET: usize = 1024 * 1024;
 

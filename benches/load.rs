@@ -1450,7 +1450,7 @@ fn smoke() {
         let addr = listener.local_addr().expect("addr");
         let broker = Broker::new(Arc::new(Config::default()));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(tether::server::run_with(listener, broker, async {
+        let server = tokio::spawn(tether::net::server::run_with(listener, broker, async {
             let _ = rx.await;
         }));
         let pid = Some(std::process::id());

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant as WallClock};
 use harness::{black_box, count_label, Harness, Rng};
 use tether::broker::Broker;
 use tether::config::Config;
-use tether::expiry::{Timer, TimerKind, Timers};
-use tether::packet::ProtocolVersion;
-use tether::registry::{Claim, Control, Parked, Registry};
+use tether::session::expiry::{Timer, TimerKind, Timers};
+use tether::session::registry::{Claim, Control, Parked, Registry};
+use tether::wire::packet::ProtocolVersion;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 

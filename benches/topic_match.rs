@@ -17,13 +17,13 @@ use std::time::Instant as WallClock;
 use bytes::Bytes;
 use harness::{black_box, count_label, Harness, Rng};
 use tether::config::OverflowPolicy;
-use tether::index::TopicIndex;
-use tether::mailbox::{Mailbox, QueueLimits};
-use tether::message::Message;
-use tether::packet::{QoS, RetainHandling};
-use tether::router::{Router, SubEntry};
+use tether::routing::index::TopicIndex;
+use tether::routing::router::{Router, SubEntry};
+use tether::session::mailbox::{Mailbox, QueueLimits};
 use tether::session::Subscription;
 use tether::stats::Stats;
+use tether::wire::message::Message;
+use tether::wire::packet::{QoS, RetainHandling};
 
 /// Devices per tenant; filter `i` belongs to tenant `i / DEVICES`, device `i % DEVICES`.
 const DEVICES: usize = 100;

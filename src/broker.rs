@@ -7,18 +7,18 @@ use tracing::{debug, info};
 
 use crate::auth::gate::Gate;
 use crate::config::Config;
-use crate::expiry::TimerKind;
-use crate::mailbox::{Mailbox, QueueLimits};
-use crate::message::Message;
-use crate::packet::{ProtocolVersion, Will};
-use crate::registry::Registry;
-use crate::retain::RetainStore;
-use crate::router::{Router, SubEntry};
+use crate::routing::retain::RetainStore;
+use crate::routing::router::{Router, SubEntry};
+use crate::session::expiry::TimerKind;
+use crate::session::mailbox::{Mailbox, QueueLimits};
+use crate::session::registry::Registry;
 use crate::session::{Session, Subscription};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::store::Store;
 use crate::transport::tls::Certs;
+use crate::wire::message::Message;
+use crate::wire::packet::{ProtocolVersion, Will};
 
 /// Sessions the timer task ends (and at least a quarter of those still held) before it asks
 /// the allocator to return free memory to the system (`memory::trim`).

@@ -8,10 +8,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tether::admin_client::{self, AdminClient};
 use tether::broker::Broker;
 use tether::config::{Config, ConfigError, ExtraListener, LogFormat, LIVE_KEYS, REFERENCE_TOML};
-use tether::server::{Listener, Sockets};
+use tether::net::server::{Listener, Sockets};
+use tether::ops::admin_client::{self, AdminClient};
 use tether::store::Store;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
@@ -272,7 +272,7 @@ async fn run(
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(signals.handle(args, broker.clone(), handle, stop_tx));
-    tether::server::run_sockets(sockets, broker, async {
+    tether::net::server::run_sockets(sockets, broker, async {
         let _ = stop_rx.await;
     })
     .await;

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use crate::message::{Delivery, Message};
-use crate::packet::QoS;
+use crate::wire::message::{Delivery, Message};
+use crate::wire::packet::QoS;
 
 /// xorshift64: a deterministic generator, so a failing randomized test reproduces.
 pub struct XorShift(pub u64);

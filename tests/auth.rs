@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use tether::config::Config;
-use tether::packet::{Connect, Packet, ProtocolVersion, QoS, ReasonCode};
+use tether::wire::packet::{Connect, Packet, ProtocolVersion, QoS, ReasonCode};
 
 fn temp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tether-auth-{name}-{}", std::process::id()));
@@ -126,7 +126,7 @@ async fn bad_credentials_and_anonymous_clients_get_the_connack_codes() {
     // The exact 3.1.1 bytes: return code 4, then 5.
     let mut c = b.raw().await;
     let mut out = bytes::BytesMut::new();
-    tether::codec::encode(
+    tether::wire::codec::encode(
         &Packet::Connect(Box::new(connect(V311, "x", Some("alice"), Some("no")))),
         V311,
         None,
@@ -142,7 +142,7 @@ async fn bad_credentials_and_anonymous_clients_get_the_connack_codes() {
     let stats = &b.broker.stats;
     assert_eq!(stats.auth_bad_credentials.load(Ordering::Relaxed), 7);
     assert_eq!(stats.auth_not_authorized.load(Ordering::Relaxed), 3);
-    let metrics = tether::admin::prometheus(&tether::admin::figures(&b.broker).await);
+    let metrics = tether::ops::admin::prometheus(&tether::ops::admin::figures(&b.broker).await);
     for line in [
         "tether_auth_refused_total{reason=\"bad_credentials\"} 7\n",
         "tether_auth_refused_total{reason=\"not_authorized\"} 3\n",
@@ -388,7 +388,7 @@ async fn acl_refused_publish_is_dropped_with_the_right_acknowledgement() {
     };
     assert_eq!(&m.payload[..], b"alice");
     assert_eq!(b.broker.stats.acl_denied_publish.load(Ordering::Relaxed), 4);
-    let metrics = tether::admin::prometheus(&tether::admin::figures(&b.broker).await);
+    let metrics = tether::ops::admin::prometheus(&tether::ops::admin::figures(&b.broker).await);
     assert!(
         metrics.contains("tether_acl_denied_total{action=\"publish\"} 4\n"),
         "{metrics}"
@@ -541,7 +541,7 @@ async fn a_denied_retransmission_of_an_unreleased_qos2_message_is_still_acknowle
     };
     // Already routed once: acknowledged as before [MQTT-4.3.3-10 / 4.3.3-11 in v5].
     assert_eq!(a.reason, ReasonCode::SUCCESS);
-    c.send_packet(&Packet::PubRel(tether::packet::Ack::new(4)))
+    c.send_packet(&Packet::PubRel(tether::wire::packet::Ack::new(4)))
         .await;
     let Packet::PubComp(a) = c.recv_packet().await else {
         panic!("expected PUBCOMP");
@@ -662,7 +662,7 @@ async fn a_shared_group_gives_a_message_to_a_member_who_may_read_it() {
     for _ in 0..4 {
         let m = bob.recv_publish().await;
         assert_eq!(m.topic, "home/secret");
-        bob.send_packet(&Packet::PubAck(tether::packet::Ack::new(m.packet_id)))
+        bob.send_packet(&Packet::PubAck(tether::wire::packet::Ack::new(m.packet_id)))
             .await;
     }
     alice.expect_silence(Duration::from_millis(200)).await;

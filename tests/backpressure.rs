@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tether::config::Config;
-use tether::packet::Packet;
+use tether::wire::packet::Packet;
 
 /// A client subscribed to its own topic publishes faster than its (small) inflight window lets
 /// the deliveries out. Its own queue fills past half its limit, but that queue only drains when

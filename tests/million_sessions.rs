@@ -12,11 +12,11 @@ use std::time::{Duration, Instant as WallClock};
 
 use tether::broker::Broker;
 use tether::config::Config;
-use tether::mailbox::Mailbox;
-use tether::packet::{ProtocolVersion, QoS, RetainHandling};
+use tether::session::mailbox::Mailbox;
 use tether::session::Subscription;
 use tether::shutdown::Shutdown;
 use tether::stats::Stats;
+use tether::wire::packet::{ProtocolVersion, QoS, RetainHandling};
 use tokio::time::Instant;
 
 const SESSIONS: u64 = 1_000_000;

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tether::packet::{Ack, Packet, ProtocolVersion, QoS, ReasonCode};
+use tether::wire::packet::{Ack, Packet, ProtocolVersion, QoS, ReasonCode};
 
 use bin_support::{rt, Broker, Dir};
 use common::{v5_connect_expiry, v5_publish, v5_session, Raw};

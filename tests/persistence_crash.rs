@@ -15,7 +15,7 @@ mod crash_support;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use tether::packet::{Ack, Disconnect, Packet, ProtocolVersion, QoS, ReasonCode};
+use tether::wire::packet::{Ack, Disconnect, Packet, ProtocolVersion, QoS, ReasonCode};
 
 use bin_support::{temp_dir, TempFile};
 use common::Raw;

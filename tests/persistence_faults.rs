@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tether::packet::{Ack, Packet, ProtocolVersion, QoS, ReasonCode};
+use tether::wire::packet::{Ack, Packet, ProtocolVersion, QoS, ReasonCode};
 
 use bin_support::{rt, set_fsize_limit, Broker, Dir, TempFile, WAIT};
 use common::{v5_connect_expiry, v5_publish, v5_session, Raw, Recv};
@@ -348,7 +348,7 @@ fn disk_full_v5_refuses_with_quota_exceeded_and_recovers() {
 
         // SUBSCRIBE of a persistent session: its SUBACK waits for the session record, which
         // cannot be written: no SUBACK, the connection is closed with DISCONNECT 0x80.
-        late.send_packet(&Packet::Subscribe(tether::packet::Subscribe {
+        late.send_packet(&Packet::Subscribe(tether::wire::packet::Subscribe {
             packet_id: 1,
             filters: vec![common::v5_filter("f/late", QoS::AtLeastOnce)],
             subscription_identifier: None,

@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use common::*;
-use tether::codec;
-use tether::connection::LINGER;
-use tether::packet::{Ack, ConnAck, Connect, Packet, ProtocolVersion, Publish, QoS, ReasonCode};
-use tether::protocol::MAX_OUTBOUND_ALIASES;
+use tether::net::connection::LINGER;
+use tether::net::protocol::MAX_OUTBOUND_ALIASES;
 use tether::stats::Stats;
+use tether::wire::codec;
+use tether::wire::packet::{
+    Ack, ConnAck, Connect, Packet, ProtocolVersion, Publish, QoS, ReasonCode,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;

@@ -7,10 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tether::admin;
 use tether::config::Config;
-use tether::packet::Packet;
+use tether::ops::admin;
 use tether::stats::Stats;
+use tether::wire::packet::Packet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MESSAGES: usize = 20_000;

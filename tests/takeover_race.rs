@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use tether::config::Config;
-use tether::packet::{Packet, ReasonCode};
 use tether::stats::Stats;
+use tether::wire::packet::{Packet, ReasonCode};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, Barrier};
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::pki::{self, Pair, Pki};
 use common::*;
 use tether::config::{Config, TlsConfig};
-use tether::packet::{Packet, ProtocolVersion, QoS, ReasonCode};
+use tether::wire::packet::{Packet, ProtocolVersion, QoS, ReasonCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -182,7 +182,7 @@ async fn bad_input_on_tls_and_plain_ports_closes_only_that_connection() {
         .await;
     c.expect_closed().await;
     eventually("both counted", || tls_failures(&b) >= 2).await;
-    let metrics = tether::admin::prometheus(&tether::admin::figures(&b.broker).await);
+    let metrics = tether::ops::admin::prometheus(&tether::ops::admin::figures(&b.broker).await);
     assert!(
         metrics.contains("tether_handshake_failures_total{transport=\"tls\"} 2\n"),
         "{metrics}"

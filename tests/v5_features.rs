@@ -10,11 +10,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use tether::config::Config;
-use tether::packet::{
+use tether::stats::Stats;
+use tether::wire::packet::{
     Ack, Auth, Packet, Publish, PublishProperties, QoS, ReasonCode, RetainHandling,
     SubscribeFilter, Unsubscribe,
 };
-use tether::stats::Stats;
 use tokio::time::Instant;
 
 /// Short window for "nothing (more) arrives".
@@ -789,7 +789,7 @@ async fn shared_subscription_prefers_online_members() {
 async fn shared_subscription_with_no_local_is_a_protocol_error() {
     let b = TestBroker::start().await;
     let mut c = b.v5_client(v5_connect("sh-nl", true), false).await;
-    c.send_packet(&Packet::Subscribe(tether::packet::Subscribe {
+    c.send_packet(&Packet::Subscribe(tether::wire::packet::Subscribe {
         packet_id: 1,
         filters: vec![filter_opts(
             "$share/g/shnl/t",
@@ -1007,8 +1007,8 @@ async fn assigned_identifiers_are_unique_for_concurrent_connections() {
     let b = TestBroker::start().await;
     let mut c1 = b.raw().await;
     let mut c2 = b.raw().await;
-    c1.version = tether::packet::ProtocolVersion::V5;
-    c2.version = tether::packet::ProtocolVersion::V5;
+    c1.version = tether::wire::packet::ProtocolVersion::V5;
+    c2.version = tether::wire::packet::ProtocolVersion::V5;
     eventually("both connections accepted", || {
         Stats::get(&b.broker.stats.connections_accepted) == 2
     })

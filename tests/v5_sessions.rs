@@ -12,12 +12,12 @@ use std::time::Duration;
 use common::*;
 use tether::broker::Broker;
 use tether::config::Config;
-use tether::packet::{Packet, ProtocolVersion, QoS, ReasonCode, RetainHandling};
-use tether::registry::{Claim, Control};
-use tether::router::SubEntry;
+use tether::routing::router::SubEntry;
+use tether::session::registry::{Claim, Control};
 use tether::session::{Session, Subscription, EXPIRY_NEVER};
 use tether::shutdown::Shutdown;
 use tether::stats::Stats;
+use tether::wire::packet::{Packet, ProtocolVersion, QoS, ReasonCode, RetainHandling};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
 
@@ -148,7 +148,7 @@ async fn clean_start_discards_or_resumes_the_session() {
         .await;
     let m = c.recv_publish().await;
     assert_eq!(&m.payload[..], b"queued");
-    c.send_packet(&Packet::PubAck(tether::packet::Ack::new(m.packet_id)))
+    c.send_packet(&Packet::PubAck(tether::wire::packet::Ack::new(m.packet_id)))
         .await;
     c.disconnect_v5(ReasonCode::NORMAL_DISCONNECTION, None)
         .await;
@@ -346,7 +346,7 @@ async fn v311_and_v5_clients_take_over_each_others_session() {
         ("mixed/t", &b"for-v5"[..])
     );
     assert_eq!(m.qos, QoS::AtLeastOnce);
-    v5.send_packet(&Packet::PubAck(tether::packet::Ack::new(m.packet_id)))
+    v5.send_packet(&Packet::PubAck(tether::wire::packet::Ack::new(m.packet_id)))
         .await;
     v5.disconnect_v5(ReasonCode::NORMAL_DISCONNECTION, None)
         .await;

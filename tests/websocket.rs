@@ -12,9 +12,9 @@ use bytes::{Bytes, BytesMut};
 use common::pki;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use tether::codec;
 use tether::config::{Config, ExtraListener, TransportKind};
-use tether::packet::{Packet, ProtocolVersion, QoS, ReasonCode};
+use tether::wire::codec;
+use tether::wire::packet::{Packet, ProtocolVersion, QoS, ReasonCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -135,7 +135,7 @@ async fn mqtt_over_websocket_with_split_and_coalesced_frames() {
         assert_eq!(ack.reason, ReasonCode::SUCCESS);
 
         // SUBSCRIBE and two PUBLISHes in one frame.
-        let mut both = c.encode(&Packet::Subscribe(tether::packet::Subscribe {
+        let mut both = c.encode(&Packet::Subscribe(tether::wire::packet::Subscribe {
             packet_id: 1,
             filters: vec![v5_filter("ws/t", QoS::AtLeastOnce)],
             subscription_identifier: None,

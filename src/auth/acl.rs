@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::filters::FilterSet;
-use crate::topic;
+use crate::wire::topic;
 
 /// What a rule line grants, or `Deny`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -152,7 +152,7 @@ mod tests {
             for t in topics {
                 assert_eq!(
                     s.matches(t),
-                    crate::topic::matches(f, t),
+                    crate::wire::topic::matches(f, t),
                     "filter {f:?} topic {t:?}"
                 );
             }
@@ -164,7 +164,7 @@ mod tests {
         assert!(big.matches("n17/x") && !big.matches("n20/x") && big.matches("a/b"));
         let s = set(&filters);
         for t in topics {
-            let any = filters.iter().any(|f| crate::topic::matches(f, t));
+            let any = filters.iter().any(|f| crate::wire::topic::matches(f, t));
             assert_eq!(s.matches(t), any, "topic {t:?}");
         }
     }

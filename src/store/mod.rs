@@ -36,8 +36,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::message::Delivery;
 use crate::session::OutState;
+use crate::wire::message::Delivery;
 
 use record::{Block, FileKind, HeaderError, Record, SessionMeta, HEADER_LEN};
 use state::State;

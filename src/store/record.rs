@@ -16,9 +16,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::message::{Delivery, Message};
-use crate::packet::{ProtocolVersion, PublishProperties, QoS, RetainHandling, Will};
 use crate::session::{OutState, Subscription};
+use crate::wire::message::{Delivery, Message};
+use crate::wire::packet::{ProtocolVersion, PublishProperties, QoS, RetainHandling, Will};
 
 /// First bytes of every store file.
 pub const MAGIC: &[u8; 8] = b"TETHERWL";

@@ -6,10 +6,10 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::broker::Broker;
-use crate::packet::Will;
-use crate::registry::Parked;
+use crate::session::registry::Parked;
 use crate::session::{Inflight, Session, EXPIRY_NEVER};
 use crate::stats::Stats;
+use crate::wire::packet::Will;
 
 use super::record::{self, SessionMeta};
 use super::state::State;

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::message::{Delivery, Message};
 use crate::session::OutState;
+use crate::wire::message::{Delivery, Message};
 
 use super::record::{Record, SessionMeta};
 
@@ -69,7 +69,7 @@ fn placeholder() -> Arc<Message> {
         Arc::new(Message {
             topic: String::new(),
             payload: bytes::Bytes::new(),
-            qos: crate::packet::QoS::AtMostOnce,
+            qos: crate::wire::packet::QoS::AtMostOnce,
             retain: false,
             properties: Default::default(),
             expires_at: None,

@@ -9,9 +9,9 @@ use bytes::Bytes;
 
 use super::record::{self, Block, FileKind, Record, SessionMeta};
 use super::{FsyncPolicy, Opened, SessionLog, Store, StoreConfig};
-use crate::message::{Delivery, Message};
-use crate::packet::{ProtocolVersion, QoS};
 use crate::testutil::delivery;
+use crate::wire::message::{Delivery, Message};
+use crate::wire::packet::{ProtocolVersion, QoS};
 
 struct TempDir(PathBuf);
 

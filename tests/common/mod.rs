@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tether::broker::Broker;
-use tether::codec;
 use tether::config::Config;
-use tether::packet::{Packet, ProtocolVersion};
+use tether::wire::codec;
+use tether::wire::packet::{Packet, ProtocolVersion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -43,7 +43,7 @@ impl TestBroker {
         let addr = listener.local_addr().expect("local addr");
         let broker = Broker::new(Arc::new(config));
         TestBroker::running(vec![addr], broker, |b, stopped| {
-            tether::server::run_with(listener, b, stopped)
+            tether::net::server::run_with(listener, b, stopped)
         })
     }
 
@@ -74,7 +74,7 @@ impl TestBroker {
     /// transport and TLS settings), each bound to a free port on 127.0.0.1.
     pub async fn with_listeners(config: Config) -> TestBroker {
         let broker = Broker::new(Arc::new(config.clone()));
-        let mut sockets = tether::server::Sockets::default();
+        let mut sockets = tether::net::server::Sockets::default();
         let mut addrs = Vec::new();
         for mut spec in config.listener_specs() {
             spec.bind = "127.0.0.1:0".parse().expect("addr");
@@ -82,10 +82,10 @@ impl TestBroker {
             addrs.push(socket.local_addr().expect("local addr"));
             sockets
                 .mqtt
-                .push(tether::server::Listener::new(socket, spec).expect("listener"));
+                .push(tether::net::server::Listener::new(socket, spec).expect("listener"));
         }
         TestBroker::running(addrs, broker, |b, stopped| {
-            tether::server::run_sockets(sockets, b, stopped)
+            tether::net::server::run_sockets(sockets, b, stopped)
         })
     }
 
@@ -382,7 +382,7 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 // MQTT 5.0 helpers (our codec as the client-side encoder/decoder).
 // ---------------------------------------------------------------------------------------------
 
-use tether::packet::{
+use tether::wire::packet::{
     ConnAck, Connect, ConnectProperties, Disconnect, Publish, PublishProperties, QoS, ReasonCode,
     RetainHandling, SubAck, Subscribe, SubscribeFilter, Will,
 };

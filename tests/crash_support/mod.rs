@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tether::codec;
-use tether::packet::{Ack, Packet, ProtocolVersion, Publish, QoS};
+use tether::wire::codec;
+use tether::wire::packet::{Ack, Packet, ProtocolVersion, Publish, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

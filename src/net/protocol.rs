@@ -15,16 +15,16 @@ use tracing::debug;
 use crate::auth::acl::ClientAcl;
 use crate::auth::gate::epoch_tag;
 use crate::broker::Broker;
-use crate::codec::{self, DecodeError, EncodeError};
-use crate::mailbox::{Mailbox, MailboxAcl, Pushed};
-use crate::message::{Delivery, Message};
-use crate::packet::{
+use crate::session::mailbox::{Mailbox, MailboxAcl, Pushed};
+use crate::session::{InboundQos2, Session, Subscription};
+use crate::stats::Stats;
+use crate::wire::codec::{self, DecodeError, EncodeError};
+use crate::wire::message::{Delivery, Message};
+use crate::wire::packet::{
     Ack, Connect, Packet, ProtocolVersion, Publish, QoS, ReasonCode, RetainHandling, SubAck,
     Subscribe, UnsubAck, Unsubscribe, Will,
 };
-use crate::session::{InboundQos2, Session, Subscription};
-use crate::stats::Stats;
-use crate::topic;
+use crate::wire::topic;
 
 /// Most topic aliases one connection uses towards its client, whatever Topic Alias Maximum the
 /// client announced: each one keeps a topic name in memory for the connection's lifetime.

@@ -12,7 +12,7 @@
 //! iterative `Drop`) so a hostile filter cannot overflow a task's stack.
 //!
 //! Both the index and its callers treat filters as already validated by
-//! [`crate::topic::valid_topic_filter`], with any `$share/{name}/` prefix already stripped.
+//! [`crate::wire::topic::valid_topic_filter`], with any `$share/{name}/` prefix already stripped.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
 
-use crate::topic::has_wildcard;
+use crate::wire::topic::has_wildcard;
 
 /// Subscribers of one filter, keyed by Client ID.
 type Entries<V> = HashMap<Arc<str>, V>;
@@ -413,7 +413,7 @@ impl<V: Clone + Send + Sync> TopicIndex<V> {
 mod tests {
     use super::*;
     use crate::testutil::XorShift;
-    use crate::topic::matches;
+    use crate::wire::topic::matches;
     use std::collections::BTreeSet;
 
     fn key(s: &str) -> Arc<str> {
@@ -593,7 +593,10 @@ mod tests {
         let mut by_pair: HashMap<(String, String), u32> = HashMap::new();
         for value in 0..3_000u32 {
             let filter = random_filter(&mut rng);
-            assert!(crate::topic::valid_topic_filter(&filter), "{filter:?}");
+            assert!(
+                crate::wire::topic::valid_topic_filter(&filter),
+                "{filter:?}"
+            );
             let client = format!("c{}", rng.below(5));
             let previous = index.insert(&filter, &key(&client), value);
             let old = by_pair.insert((filter.clone(), client.clone()), value);

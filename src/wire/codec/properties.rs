@@ -4,7 +4,7 @@
 
 use super::wire::{begin_len, end_len, put_binary, put_str, put_vbi, Reader, MAX_VBI};
 use super::{DecodeError, EncodeError};
-use crate::packet::{PublishProperties, UserProperty};
+use crate::wire::packet::{PublishProperties, UserProperty};
 use bytes::{BufMut, Bytes, BytesMut};
 
 pub(crate) const PAYLOAD_FORMAT_INDICATOR: u8 = 0x01;

@@ -2,8 +2,8 @@
 //! split-point framing, a cross-check against mqttbytes' own decoder, and a small fuzz loop.
 
 use super::*;
-use crate::packet::*;
 use crate::testutil::XorShift;
+use crate::wire::packet::*;
 use bytes::Bytes;
 
 const MAX: usize = 1 << 20;

@@ -5,8 +5,8 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use crate::http::percent_encode;
-use crate::inspect::SessionInfo;
+use crate::ops::http::percent_encode;
+use crate::session::inspect::SessionInfo;
 
 /// Connect and read timeouts of one request.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,7 +116,10 @@ fn ok((status, body): (u16, String)) -> Result<String, String> {
         .ok()
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
         .unwrap_or_else(|| body.trim().to_string());
-    Err(format!("{status} {}: {msg}", crate::http::reason(status)))
+    Err(format!(
+        "{status} {}: {msg}",
+        crate::ops::http::reason(status)
+    ))
 }
 
 /// The table `tether sessions list` prints.

@@ -3,7 +3,7 @@
 use super::properties::{self as props, PropWriter};
 use super::wire::{put_str, Reader};
 use super::{DecodeError, EncodeError};
-use crate::packet::{
+use crate::wire::packet::{
     Ack, Auth, Disconnect, ProtocolVersion, Publish, QoS, ReasonCode, RetainHandling, SubAck,
     Subscribe, SubscribeFilter, UnsubAck, Unsubscribe,
 };

@@ -18,7 +18,7 @@ mod wire;
 #[cfg(test)]
 mod tests;
 
-use crate::packet::{Packet, ProtocolVersion, ReasonCode};
+use crate::wire::packet::{Packet, ProtocolVersion, ReasonCode};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;
 use wire::{begin_len, end_len, scan_vbi, Reader, Vbi};

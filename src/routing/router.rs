@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 
-use crate::index::TopicIndex;
-use crate::mailbox::{Mailbox, Pushed};
-use crate::message::{Delivery, Message};
-use crate::packet::QoS;
+use crate::routing::index::TopicIndex;
+use crate::session::mailbox::{Mailbox, Pushed};
 use crate::session::Subscription;
 use crate::stats::Stats;
-use crate::topic;
+use crate::wire::message::{Delivery, Message};
+use crate::wire::packet::QoS;
+use crate::wire::topic;
 
 /// What the index stores for one subscription.
 #[derive(Debug, Clone)]

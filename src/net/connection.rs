@@ -16,22 +16,22 @@ use tracing::{debug, field, info, info_span, warn, Instrument};
 
 use crate::auth::gate::Verdict;
 use crate::broker::Broker;
-use crate::codec::{self, DecodeError};
-use crate::inspect::SessionInfo;
-use crate::mailbox::{Mailbox, MailboxAcl};
-use crate::packet::{
-    Ack, ConnAck, ConnAckProperties, Connect, Disconnect, Packet, ProtocolVersion, QoS, ReasonCode,
-};
-use crate::protocol::{Conn, Exit};
-use crate::registry::{Claim, Control, Parked};
+use crate::net::protocol::{Conn, Exit};
+use crate::session::inspect::SessionInfo;
+use crate::session::mailbox::{Mailbox, MailboxAcl};
+use crate::session::registry::{Claim, Control, Parked};
 use crate::session::{Session, EXPIRY_NEVER};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::store::record;
 use crate::store::recovery::session_meta;
 use crate::store::{Durable, SessionLog, Store};
-use crate::topic;
 use crate::transport::{Endpoint, HandshakeError, Io, Stream};
+use crate::wire::codec::{self, DecodeError};
+use crate::wire::packet::{
+    Ack, ConnAck, ConnAckProperties, Connect, Disconnect, Packet, ProtocolVersion, QoS, ReasonCode,
+};
+use crate::wire::topic;
 
 /// How long a closing connection may spend flushing its last bytes (a final DISCONNECT, acks).
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);

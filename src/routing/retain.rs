@@ -7,11 +7,11 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use crate::message::Message;
 use crate::stats::Stats;
 use crate::store::record::Record;
 use crate::store::Store;
-use crate::topic;
+use crate::wire::message::Message;
+use crate::wire::topic;
 
 /// The retained-message store. Owned by the `Broker`; sharded so retained publishes on
 /// different topics do not contend.
@@ -151,7 +151,7 @@ impl RetainStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::QoS;
+    use crate::wire::packet::QoS;
 
     fn retained(topic: &str, payload: &'static [u8]) -> Arc<Message> {
         Arc::new(Message {

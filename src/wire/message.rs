@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::packet::{PublishProperties, QoS};
+use crate::wire::packet::{PublishProperties, QoS};
 
 /// An application message as it travels from one publisher to every matching session.
 /// Shared (`Arc<Message>`) by all deliveries of it, so fan-out copies a pointer, not the payload.

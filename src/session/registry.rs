@@ -18,8 +18,8 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::expiry::{Timer, TimerKind, Timers};
-use crate::inspect::SessionInfo;
+use crate::session::expiry::{Timer, TimerKind, Timers};
+use crate::session::inspect::SessionInfo;
 use crate::session::{Session, EXPIRY_NEVER};
 
 /// A request to the connection task that currently owns a session.
@@ -364,7 +364,7 @@ impl Registry {
 
     /// A will-delay deadline fired: take the pending will of the parked session it was armed
     /// for, if the session is still parked and has not been resumed since.
-    pub fn take_pending_will(&self, timer: &Timer) -> Option<crate::packet::Will> {
+    pub fn take_pending_will(&self, timer: &Timer) -> Option<crate::wire::packet::Will> {
         let mut slot = self.slots.get_mut(&timer.client_id)?;
         match &mut *slot {
             Slot::Offline {
@@ -487,8 +487,8 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::config::OverflowPolicy;
-    use crate::mailbox::{Mailbox, QueueLimits};
-    use crate::packet::ProtocolVersion;
+    use crate::session::mailbox::{Mailbox, QueueLimits};
+    use crate::wire::packet::ProtocolVersion;
 
     fn session(id: &str, expiry: u32) -> Box<Session> {
         let mb = Arc::new(Mailbox::new(QueueLimits {

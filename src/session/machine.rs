@@ -12,12 +12,12 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::mailbox::Mailbox;
-use crate::message::Delivery;
-use crate::packet::{
+use crate::session::mailbox::Mailbox;
+use crate::store::SessionLog;
+use crate::wire::message::Delivery;
+use crate::wire::packet::{
     Ack, Packet, ProtocolVersion, Publish, QoS, ReasonCode, RetainHandling, SubscribeFilter, Will,
 };
-use crate::store::SessionLog;
 
 /// Session Expiry Interval value meaning "never expires" [MQTT-3.1.2-23 context].
 pub const EXPIRY_NEVER: u32 = u32::MAX;
@@ -400,7 +400,7 @@ pub fn outbound_publish(
 mod tests {
     use super::*;
     use crate::config::OverflowPolicy;
-    use crate::mailbox::QueueLimits;
+    use crate::session::mailbox::QueueLimits;
     use crate::testutil::delivery;
 
     fn session() -> Session {

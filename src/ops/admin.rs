@@ -17,13 +17,13 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 
 use crate::broker::Broker;
-use crate::http::{self, Request, Response};
-use crate::inspect::SessionInfo;
-use crate::message::Message;
-use crate::packet::{PublishProperties, QoS};
-use crate::registry::{Control, Slot};
+use crate::ops::http::{self, Request, Response};
+use crate::session::inspect::SessionInfo;
+use crate::session::registry::{Control, Slot};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
+use crate::wire::message::Message;
+use crate::wire::packet::{PublishProperties, QoS};
 
 /// How long the API waits for connection tasks to answer a snapshot request.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);

@@ -5,7 +5,7 @@
 use super::properties::{self as props, PropWriter};
 use super::wire::{put_binary, put_str, Reader};
 use super::{DecodeError, EncodeError};
-use crate::packet::{
+use crate::wire::packet::{
     ConnAck, ConnAckProperties, Connect, ConnectProperties, ProtocolVersion, QoS, ReasonCode, Will,
 };
 use bytes::{BufMut, BytesMut};

@@ -18,10 +18,10 @@ use tokio::sync::Notify;
 use crate::auth::acl::ClientAcl;
 use crate::auth::gate::epoch_tag;
 use crate::config::{OverflowPolicy, SessionConfig};
-use crate::message::Delivery;
-use crate::packet::QoS;
 use crate::stats::Stats;
 use crate::store::SessionLog;
+use crate::wire::message::Delivery;
+use crate::wire::packet::QoS;
 
 /// The limits of one queue, copied from the configuration when the session is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -407,8 +407,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::message::Message;
     use crate::testutil::delivery;
+    use crate::wire::message::Message;
 
     fn limits(max_messages: usize, max_bytes: usize, overflow: OverflowPolicy) -> QueueLimits {
         QueueLimits {

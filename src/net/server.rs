@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::broker::Broker;
 use crate::config::{Config, ListenerSpec};
-use crate::connection;
+use crate::net::connection;
 use crate::shutdown::Shutdown;
 use crate::transport::tls::TlsError;
 use crate::transport::Endpoint;
@@ -121,7 +121,7 @@ pub async fn run_sockets(
         ));
     }
     if let Some(admin) = sockets.admin {
-        tasks.spawn(crate::admin::serve(
+        tasks.spawn(crate::ops::admin::serve(
             admin,
             broker.clone(),
             shutdown_rx.clone(),
@@ -129,7 +129,7 @@ pub async fn run_sockets(
     }
     if broker.config.sys_interval_secs > 0 {
         let every = Duration::from_secs(broker.config.sys_interval_secs);
-        tasks.spawn(crate::admin::run_sys(
+        tasks.spawn(crate::ops::admin::run_sys(
             broker.clone(),
             every,
             shutdown_rx.clone(),

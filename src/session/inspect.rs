@@ -4,8 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::packet::ProtocolVersion;
 use crate::session::{Session, EXPIRY_NEVER};
+use crate::wire::packet::ProtocolVersion;
 
 /// One session as the admin API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
