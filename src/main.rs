@@ -12,6 +12,7 @@ use tether::broker::Broker;
 use tether::config::{Config, ConfigError, ExtraListener, LogFormat, LIVE_KEYS, REFERENCE_TOML};
 use tether::net::server::{Listener, Sockets};
 use tether::ops::admin_client::{self, AdminClient};
+use tether::session::journal::{Journal, NoJournal};
 use tether::store::Store;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
@@ -260,11 +261,15 @@ async fn run(
             }
         }
     }
-    let store = opened.as_ref().map(|o| o.store.clone());
-    let broker = Broker::with_store(Arc::new(config), store.clone());
+    let persistent = opened.is_some();
+    let journal: Arc<dyn Journal> = match &opened {
+        Some(o) => o.store.clone(),
+        None => Arc::new(NoJournal),
+    };
+    let broker = Broker::with_journal(Arc::new(config), journal.clone());
     if let Some(o) = opened {
         let started = std::time::Instant::now();
-        tether::store::recovery::restore(&broker, o.state, o.last_write);
+        broker.restore(tether::store::recovery::recovered(o.state, o.last_write));
         info!(
             ms = started.elapsed().as_millis() as u64,
             "recovery finished"
@@ -276,9 +281,9 @@ async fn run(
         let _ = stop_rx.await;
     })
     .await;
-    if let Some(store) = store {
+    if persistent {
         // Everything appended (the sessions parked by the drain above) is written and fsynced.
-        store.close();
+        journal.close();
         info!("store flushed");
     }
     info!("stopped");

@@ -14,10 +14,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod listener;
+mod persistence;
 pub use listener::{
     AuthConfig, ExtraListener, ListenerConfig, ListenerSpec, TlsConfig, TransportKind,
     DEFAULT_WS_PATH,
 };
+pub use persistence::{FsyncPolicy, PersistenceConfig, StoreConfig};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -48,33 +50,6 @@ pub struct Config {
 
 /// Where `data_dir` points when it is not set: beside the working directory.
 pub const DEFAULT_DATA_DIR: &str = "tether-data";
-
-/// `[persistence]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct PersistenceConfig {
-    /// Store persistent sessions, their queues and in-flight messages, and retained messages
-    /// in `data_dir`, and acknowledge QoS 1/2 messages only once stored. false = in memory.
-    pub enabled: bool,
-    /// When the log is fsynced: `always` (before every acknowledgement, shared by all
-    /// messages of a group commit), `interval` (every `fsync_interval_ms`) or `never`.
-    pub fsync: crate::store::FsyncPolicy,
-    /// Period of `fsync = "interval"`, in milliseconds.
-    pub fsync_interval_ms: u64,
-    /// Size at which a log segment is closed and becomes eligible for compaction, in bytes.
-    pub segment_bytes: u64,
-}
-
-impl Default for PersistenceConfig {
-    fn default() -> Self {
-        PersistenceConfig {
-            enabled: true,
-            fsync: crate::store::FsyncPolicy::Always,
-            fsync_interval_ms: 100,
-            segment_bytes: 64 * 1024 * 1024,
-        }
-    }
-}
 
 /// What to drop when a session's queue is full.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -536,16 +511,6 @@ impl Config {
         self.data_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
-    }
-
-    /// How the store is opened, from `data_dir` and `[persistence]`.
-    pub fn store_config(&self) -> crate::store::StoreConfig {
-        crate::store::StoreConfig {
-            dir: self.data_dir_or_default(),
-            fsync: self.persistence.fsync,
-            fsync_interval: Duration::from_millis(self.persistence.fsync_interval_ms),
-            segment_bytes: self.persistence.segment_bytes,
-        }
     }
 
     /// The CONNECT deadline.

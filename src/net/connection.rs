@@ -18,14 +18,12 @@ use crate::auth::gate::Verdict;
 use crate::broker::Broker;
 use crate::net::protocol::{Conn, Exit};
 use crate::session::inspect::SessionInfo;
+use crate::session::journal::{self, Durable, ImageKind, Journal, SessionJournal};
 use crate::session::mailbox::{Mailbox, MailboxAcl};
 use crate::session::registry::{Claim, Control, Parked};
 use crate::session::{Session, EXPIRY_NEVER};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use crate::store::record;
-use crate::store::recovery::session_meta;
-use crate::store::{Durable, SessionLog, Store};
 use crate::transport::{Endpoint, HandshakeError, Io, Stream};
 use crate::wire::codec::{self, DecodeError};
 use crate::wire::packet::{
@@ -287,9 +285,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     // While the store cannot write, a session that outlives its connection could never get
     // its CONNACK (which waits for the session's record): say so at once, before anything
     // of the existing session is touched, rather than close without a word.
-    if broker.store.as_ref().is_some_and(|s| s.is_failed())
-        && session_expiry(&connect, broker).0 > 0
-    {
+    if broker.journal.is_failed() && session_expiry(&connect, broker).0 > 0 {
         warn!("store not writable; refusing a persistent session until it is");
         refuse(
             &mut stream,
@@ -357,7 +353,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     let (expiry, expiry_capped) = session_expiry(&connect, broker);
     // From here on, store appends count for the CONNACK: a discarded old session's
     // SessionEnd must be durable before the client hears Session Present = 0.
-    crate::store::take_sync_mark();
+    broker.journal.take_sync_mark();
     let (mut session, present) = match old {
         // A session taken over from a Clean Session 1 / Session Expiry 0 connection ended
         // with that connection: it is discarded like one that Clean Start discards
@@ -383,29 +379,26 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     session.mailbox.set_online(true);
     // Durable or not is decided here, for this connection's lifetime: a session that outlives
     // its connection is written to the store (with the will, which a crash must publish).
-    if let Some(store) = &broker.store {
-        if expiry > 0 {
-            let new = session.log.is_none();
-            let log = session
-                .log
-                .get_or_insert_with(|| Arc::new(SessionLog::new(store.clone(), client_id.clone())))
-                .clone();
-            // The Session record goes out before the mailbox (which publishers write through)
-            // gets the log: an Enqueue that replay meets before the record of its incarnation
-            // would be dropped.
-            if let Some(meta) = session_meta(&session, connect.will.as_ref(), None) {
-                log.meta(meta);
+    if expiry > 0 {
+        // The image goes out before the mailbox (which publishers write through) gets the
+        // journal: an Enqueued event that replay meets before the image of its incarnation
+        // would be dropped.
+        if session.journal.is_attached() {
+            session.journal_image(ImageKind::Changed, connect.will.as_ref(), None);
+        } else {
+            let handle = SessionJournal::attach(&broker.journal);
+            if handle.is_attached() {
+                session.journal = handle.clone();
+                session.journal_image(ImageKind::Created, connect.will.as_ref(), None);
+                session.set_journal(handle, 1);
             }
-            if new {
-                session.set_log(Some(log), 1);
-            }
-        } else if let Some(log) = session.log.take() {
-            // Resumed by a connection that ends it: it no longer needs the disk. Its queue
-            // numbers belonged to that log and must not be mistaken for a later log's.
-            log.end();
-            session.set_log(None, 0);
-            session.clear_seqs();
         }
+    } else if session.journal.is_attached() {
+        // Resumed by a connection that ends it: it no longer needs the journal. Its queue
+        // numbers belonged to that incarnation and must not be mistaken for a later one's.
+        std::mem::take(&mut session.journal).ended();
+        session.set_journal(SessionJournal::default(), 0);
+        session.clear_seqs();
     }
     let mut held = Held::new(broker);
     // The CONNACK waits for the session record.
@@ -497,7 +490,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
 struct Held {
     marks: VecDeque<(usize, u64)>,
     durable: Option<watch::Receiver<Durable>>,
-    store: Option<Arc<Store>>,
+    journal: Arc<dyn Journal>,
     /// Bytes of the CONNACK (the first packet of `Conn::out`) not yet written; set by
     /// `connack_queued`.
     connack_left: usize,
@@ -507,8 +500,8 @@ impl Held {
     fn new(broker: &Broker) -> Held {
         Held {
             marks: VecDeque::new(),
-            durable: broker.store.as_ref().map(|s| s.durable()),
-            store: broker.store.clone(),
+            durable: broker.journal.durable(),
+            journal: broker.journal.clone(),
             connack_left: 0,
         }
     }
@@ -526,7 +519,7 @@ impl Held {
     /// Bytes from `offset` on wait for what this thread appended with `sync` since the last
     /// `take_sync_mark`.
     fn mark(&mut self, offset: usize) {
-        let lsn = crate::store::take_sync_mark();
+        let lsn = self.journal.take_sync_mark();
         if lsn == 0 || self.durable.is_none() {
             return;
         }
@@ -563,13 +556,13 @@ impl Held {
     /// Resolves when the first held LSN is durable (true) or the store failed (false).
     async fn wait(&mut self) -> bool {
         match (self.waiting_for(), &mut self.durable) {
-            (Some(lsn), Some(rx)) => Store::wait_durable(rx, lsn).await,
+            (Some(lsn), Some(rx)) => journal::wait_durable(rx, lsn).await,
             _ => true,
         }
     }
 
     fn store_failed(&self) -> bool {
-        self.store.as_ref().is_some_and(|s| s.is_failed())
+        self.journal.is_failed()
     }
 }
 
@@ -788,7 +781,7 @@ async fn main_loop(
     // TLS and WebSocket keep written bytes in a buffer of their own until flushed.
     let buffers = stream.buffers_writes();
     let mut unflushed = false;
-    let store = conn.broker.store.clone();
+    let journal = conn.broker.journal.clone();
     let slow_after = conn.broker.config.session.slow_consumer_after();
     // The queues holding this publisher back in the current episode, with their progress
     // when it began.
@@ -796,8 +789,8 @@ async fn main_loop(
 
     loop {
         // The records of this pass (one per PUBLISH sent, one per acknowledgement) reach the
-        // store together when it ends, before the task waits (see `Store::batch`).
-        let batch = store.as_deref().map(Store::batch);
+        // journal together when it ends, before the task waits (see `journal::batch`).
+        let batch = journal::batch(&*journal);
         // Handle every complete packet buffered, but stop while the write buffer is over its
         // limit: what is left is handled once the client reads.
         let mut got_packet = false;
@@ -827,17 +820,12 @@ async fn main_loop(
                     let changes_subscriptions =
                         matches!(p, Packet::Subscribe(_) | Packet::Unsubscribe(_));
                     let offset = conn.out.len();
-                    crate::store::take_sync_mark();
+                    journal.take_sync_mark();
                     if let Err(exit) = conn.on_packet(session, p, Instant::now()) {
                         return exit;
                     }
                     if changes_subscriptions {
-                        if let (Some(log), Some(meta)) = (
-                            &session.log,
-                            session_meta(session, conn.will.as_ref(), None),
-                        ) {
-                            log.meta(meta);
-                        }
+                        session.journal_image(ImageKind::Changed, conn.will.as_ref(), None);
                     }
                     held.mark(offset);
                 }
@@ -851,7 +839,7 @@ async fn main_loop(
             }
         }
         let offset = conn.out.len();
-        crate::store::take_sync_mark();
+        journal.take_sync_mark();
         conn.pump(session, Instant::now());
         held.mark(offset);
         drop(batch);
@@ -1041,16 +1029,11 @@ async fn finish(
     if !matches!(exit, Exit::TakenOver(_)) && session.expiry_interval > 0 {
         // The disconnect time starts the expiry clock, also across a restart; the will
         // still waiting for its delay goes with it.
-        if let (Some(log), Some(meta)) = (
-            &session.log,
-            session_meta(
-                &session,
-                session.pending_will.as_ref(),
-                Some(record::to_wall(now)),
-            ),
-        ) {
-            log.meta(meta);
-        }
+        session.journal_image(
+            ImageKind::Parked,
+            session.pending_will.as_ref(),
+            Some(journal::to_wall(now)),
+        );
     }
 
     // Hand the session to the connection taking it over, or park it. A taker that gave up

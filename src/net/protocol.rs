@@ -724,7 +724,5 @@ impl OutboundAliases {
 /// A queued delivery dropped without being sent (expired, or refused by the ACL): its stored
 /// copy is done too, so a restart does not queue it again.
 fn discarded(s: &Session, d: &Delivery) {
-    if let (Some(log), true) = (&s.log, d.seq != 0) {
-        log.done(d.seq);
-    }
+    s.journal.done(d.seq);
 }

@@ -246,7 +246,7 @@ pub struct Figures {
     /// ACL refusals by action (`publish`, `subscribe`, `delivery`).
     pub acl_denied: Vec<(&'static str, u64)>,
     /// The store's figures; `None` with persistence off.
-    pub store: Option<crate::store::StoreFigures>,
+    pub store: Option<crate::session::journal::JournalFigures>,
 }
 
 /// Gather the figures. Inflight and queue totals come from every session's view, so this costs
@@ -299,7 +299,7 @@ pub async fn figures(broker: &Broker) -> Figures {
             ("subscribe", Stats::get(&s.acl_denied_subscribe)),
             ("delivery", Stats::get(&s.acl_denied_delivery)),
         ],
-        store: broker.store.as_ref().map(|st| st.figures()),
+        store: broker.journal.figures(),
     }
 }
 

@@ -7,9 +7,8 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tokio::time::Instant;
 
+use crate::session::journal::{Journal, NoJournal, RetainedChange};
 use crate::stats::Stats;
-use crate::store::record::Record;
-use crate::store::Store;
 use crate::wire::message::Message;
 use crate::wire::topic;
 
@@ -46,21 +45,16 @@ impl RetainStore {
     /// Store, replace, or (empty payload) delete the retained message of `msg.topic`
     /// [MQTT-3.3.1-5, 3.3.1-10, 3.3.1-11].
     pub fn set(&self, msg: &Arc<Message>, stats: &Stats) {
-        self.set_logged(msg, stats, None);
+        self.set_journaled(msg, stats, &NoJournal);
     }
 
-    /// `set`, writing the change to `store` (when given) under the topic's shard lock, so two
-    /// racing retained publishes reach the store in the order they reached memory.
-    pub fn set_logged(&self, msg: &Arc<Message>, stats: &Stats, store: Option<&Store>) {
-        let log = |record: Record| {
-            if let Some(store) = store {
-                store.append(&record, true);
-            }
-        };
+    /// `set`, writing the change to `journal` under the topic's shard lock, so two racing
+    /// retained publishes reach the journal in the order they reached memory.
+    pub fn set_journaled(&self, msg: &Arc<Message>, stats: &Stats, journal: &dyn Journal) {
         if msg.payload.is_empty() {
             // Logged inside `remove_if`, under the shard lock, like the updates below.
             let removed = self.messages.remove_if(&msg.topic, |topic, _| {
-                log(Record::RetainDel(topic.clone()));
+                journal.retained(RetainedChange::Cleared(topic));
                 true
             });
             if let Some((_, old)) = removed {
@@ -79,7 +73,7 @@ impl RetainStore {
                 o.insert(msg.clone());
                 self.bytes.fetch_sub(old, Ordering::Relaxed);
                 self.bytes.fetch_add(size, Ordering::Relaxed);
-                log(Record::RetainSet(msg.clone()));
+                journal.retained(RetainedChange::Set(msg));
             }
             Entry::Vacant(v) => {
                 if self.count.load(Ordering::Relaxed) >= self.max_messages
@@ -91,7 +85,7 @@ impl RetainStore {
                 v.insert(msg.clone());
                 self.bytes.fetch_add(size, Ordering::Relaxed);
                 self.count.fetch_add(1, Ordering::Relaxed);
-                log(Record::RetainSet(msg.clone()));
+                journal.retained(RetainedChange::Set(msg));
             }
         }
     }

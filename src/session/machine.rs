@@ -12,54 +12,14 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use crate::session::journal::{ImageKind, SessionImage, SessionJournal};
 use crate::session::mailbox::Mailbox;
-use crate::store::SessionLog;
+use crate::session::parts::{OutState, Subscription};
 use crate::wire::message::Delivery;
-use crate::wire::packet::{
-    Ack, Packet, ProtocolVersion, Publish, QoS, ReasonCode, RetainHandling, SubscribeFilter, Will,
-};
+use crate::wire::packet::{Ack, Packet, ProtocolVersion, Publish, QoS, ReasonCode, Will};
 
 /// Session Expiry Interval value meaning "never expires" [MQTT-3.1.2-23 context].
 pub const EXPIRY_NEVER: u32 = u32::MAX;
-
-/// One subscription held by a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Subscription {
-    /// Granted (maximum) QoS.
-    pub qos: QoS,
-    /// v5 No Local: do not deliver the session's own publications.
-    pub no_local: bool,
-    /// v5 Retain As Published.
-    pub retain_as_published: bool,
-    /// v5 Retain Handling.
-    pub retain_handling: RetainHandling,
-    /// v5 Subscription Identifier.
-    pub identifier: Option<u32>,
-}
-
-impl Subscription {
-    /// The subscription a SUBSCRIBE filter asks for, granted at the QoS requested.
-    pub fn from_request(f: &SubscribeFilter, identifier: Option<u32>) -> Subscription {
-        Subscription {
-            qos: f.qos,
-            no_local: f.no_local,
-            retain_as_published: f.retain_as_published,
-            retain_handling: f.retain_handling,
-            identifier,
-        }
-    }
-}
-
-/// Where an outbound QoS 1/2 message stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutState {
-    /// QoS 1 PUBLISH sent, waiting for PUBACK.
-    AwaitPubAck,
-    /// QoS 2 PUBLISH sent, waiting for PUBREC.
-    AwaitPubRec,
-    /// PUBREL sent, waiting for PUBCOMP.
-    AwaitPubComp,
-}
 
 /// One outbound message in flight.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,9 +69,9 @@ pub struct Session {
     pub expiry_interval: u32,
     /// A will waiting for its delay to pass while the session is offline (v5 Will Delay).
     pub pending_will: Option<Will>,
-    /// Where its changes are written, when the session is durable (it outlives its
-    /// connection and the broker has a store); `None` keeps it in memory only.
-    pub log: Option<Arc<SessionLog>>,
+    /// Where its durable state goes: attached while the session outlives its connection and
+    /// the broker journals; detached (does nothing) otherwise.
+    pub journal: SessionJournal,
 }
 
 impl Session {
@@ -132,15 +92,49 @@ impl Session {
             next_packet_id: 1,
             expiry_interval,
             pending_will: None,
-            log: None,
+            journal: SessionJournal::default(),
         }
     }
 
-    /// Make the session durable through `log` (or memory-only with `None`); its mailbox
-    /// numbers stored messages from `next_seq` on.
-    pub fn set_log(&mut self, log: Option<Arc<SessionLog>>, next_seq: u64) {
-        self.mailbox.set_log(log.clone(), next_seq);
-        self.log = log;
+    /// Make the session durable through `journal` (or memory-only with a detached one); its
+    /// mailbox numbers journaled messages from `next_seq` on.
+    pub fn set_journal(&mut self, journal: SessionJournal, next_seq: u64) {
+        self.mailbox.set_journal(journal.clone(), next_seq);
+        self.journal = journal;
+    }
+
+    /// The session's durable image with `will` (the connection's will while connected, the
+    /// delayed will once parked) and `disconnected_at` (wall ms; `None` while connected).
+    /// `None` when the session is not journaled.
+    pub fn image(&self, will: Option<&Will>, disconnected_at: Option<u64>) -> Option<SessionImage> {
+        let incarnation = self.journal.incarnation()?;
+        let mut subscriptions: Vec<_> = self
+            .subscriptions
+            .iter()
+            .map(|(f, sub)| (f.clone(), *sub))
+            .collect();
+        subscriptions.sort_by(|a, b| a.0.cmp(&b.0));
+        Some(SessionImage {
+            client_id: self.client_id.clone(),
+            incarnation,
+            protocol: self.protocol,
+            expiry_interval: self.expiry_interval,
+            disconnected_at,
+            will: will.cloned(),
+            subscriptions,
+        })
+    }
+
+    /// Journal the session's image (see [`Session::image`]) as `kind`.
+    pub fn journal_image(
+        &self,
+        kind: ImageKind,
+        will: Option<&Will>,
+        disconnected_at: Option<u64>,
+    ) {
+        if let Some(image) = self.image(will, disconnected_at) {
+            self.journal.image(kind, image);
+        }
     }
 
     /// Forget the store sequence numbers of everything queued or in flight: the log they
@@ -160,13 +154,6 @@ impl Session {
     /// Put back an inbound QoS 2 id awaiting PUBREL recovered from the store.
     pub fn restore_inbound(&mut self, packet_id: u16) {
         self.inbound_qos2.insert(packet_id);
-    }
-
-    /// Record that the stored message `seq` is finished.
-    fn log_done(&self, seq: u64) {
-        if let (Some(log), true) = (&self.log, seq != 0) {
-            log.done(seq);
-        }
     }
 
     /// Outbound messages in flight.
@@ -207,11 +194,9 @@ impl Session {
                 } else {
                     OutState::AwaitPubRec
                 };
-                if let (Some(log), true) = (&self.log, d.seq != 0) {
-                    // QoS 2 ids must be on disk before the PUBLISH leaves: re-sent under
-                    // another id after a crash, it would be delivered twice.
-                    log.sent(d.seq, id, state, qos == QoS::ExactlyOnce);
-                }
+                // QoS 2 ids must be durable before the PUBLISH leaves: re-sent under another
+                // id after a crash, it would be delivered twice (`Event::must_sync`).
+                self.journal.in_flight(d.seq, id, state);
                 self.inflight.push_back(Inflight {
                     packet_id: id,
                     delivery: d.clone(),
@@ -235,7 +220,7 @@ impl Session {
         match self.position(packet_id, OutState::AwaitPubAck) {
             Some(i) => {
                 if let Some(done) = self.inflight.remove(i) {
-                    self.log_done(done.delivery.seq);
+                    self.journal.done(done.delivery.seq);
                 }
                 true
             }
@@ -251,16 +236,14 @@ impl Session {
         if let Some(i) = self.position(packet_id, OutState::AwaitPubRec) {
             if !reason.is_success() {
                 if let Some(done) = self.inflight.remove(i) {
-                    self.log_done(done.delivery.seq);
+                    self.journal.done(done.delivery.seq);
                 }
                 return None;
             }
             self.inflight[i].state = OutState::AwaitPubComp;
             let seq = self.inflight[i].delivery.seq;
-            if let (Some(log), true) = (&self.log, seq != 0) {
-                // After PUBREL the PUBLISH must never be re-sent: durable before it leaves.
-                log.sent(seq, packet_id, OutState::AwaitPubComp, true);
-            }
+            // After PUBREL the PUBLISH must never be re-sent: durable before it leaves.
+            self.journal.pub_recd(seq, packet_id);
             return Some(Ack::new(packet_id));
         }
         if self.position(packet_id, OutState::AwaitPubComp).is_some() {
@@ -277,7 +260,7 @@ impl Session {
     pub fn forget(&mut self, packet_id: u16) {
         if let Some(pos) = self.inflight.iter().position(|i| i.packet_id == packet_id) {
             if let Some(done) = self.inflight.remove(pos) {
-                self.log_done(done.delivery.seq);
+                self.journal.done(done.delivery.seq);
             }
         }
     }
@@ -287,7 +270,7 @@ impl Session {
         match self.position(packet_id, OutState::AwaitPubComp) {
             Some(i) => {
                 if let Some(done) = self.inflight.remove(i) {
-                    self.log_done(done.delivery.seq);
+                    self.journal.done(done.delivery.seq);
                 }
                 true
             }
@@ -344,9 +327,7 @@ impl Session {
             InboundQos2::Full
         } else {
             self.inbound_qos2.insert(packet_id);
-            if let Some(log) = &self.log {
-                log.inbound(packet_id, true);
-            }
+            self.journal.inbound(packet_id, true);
             InboundQos2::New
         }
     }
@@ -355,8 +336,8 @@ impl Session {
     /// (a PUBCOMP is due either way; v5 adds reason 0x92).
     pub fn release_inbound_qos2(&mut self, packet_id: u16) -> bool {
         let released = self.inbound_qos2.remove(&packet_id);
-        if let (Some(log), true) = (&self.log, released) {
-            log.inbound(packet_id, false);
+        if released {
+            self.journal.inbound(packet_id, false);
         }
         released
     }
@@ -570,5 +551,132 @@ mod tests {
         assert_eq!(p.properties.subscription_identifiers, vec![3, 9]);
         let p = outbound_publish(&d, 0, false, ProtocolVersion::V311, now);
         assert!(p.properties.is_empty());
+    }
+
+    /// The exact journal events of each flow, against a recording journal.
+    mod journaled {
+        use super::*;
+        use crate::session::journal::recording::{Rec, Recording};
+        use crate::session::journal::Journal;
+        use crate::stats::Stats;
+        use crate::wire::packet::ReasonCode;
+
+        /// A durable session whose journal records, and the recording (emptied of the image
+        /// written at creation).
+        fn durable() -> (Session, Arc<Recording>) {
+            let rec = Recording::new();
+            let j: Arc<dyn Journal> = rec.clone();
+            let mut s = session();
+            let handle = SessionJournal::attach(&j);
+            s.journal = handle.clone();
+            s.journal_image(ImageKind::Created, None, None);
+            s.set_journal(handle, 1);
+            s.mailbox.set_online(true);
+            assert_eq!(
+                rec.take_events(),
+                vec![Rec::Image(ImageKind::Created, "c".into(), false, vec![])]
+            );
+            (s, rec)
+        }
+
+        /// What the connection task does with a queued delivery: take it from the mailbox
+        /// into the inflight window.
+        fn send_next(s: &mut Session) -> Publish {
+            let d = s.mailbox.pop().expect("queued");
+            s.start_delivery(d, Instant::now())
+        }
+
+        #[test]
+        fn qos1_delivery_and_ack() {
+            let (mut s, rec) = durable();
+            let stats = Stats::default();
+            s.mailbox.push(delivery(QoS::AtLeastOnce, b"1"), &stats);
+            // QoS 0 is never journaled.
+            s.mailbox.push(delivery(QoS::AtMostOnce, b"0"), &stats);
+            let p = send_next(&mut s);
+            send_next(&mut s);
+            assert!(s.on_puback(p.packet_id));
+            assert_eq!(
+                rec.take_events(),
+                vec![
+                    Rec::Enqueued(1),
+                    Rec::InFlight(1, p.packet_id, OutState::AwaitPubAck),
+                    Rec::Done(1),
+                ]
+            );
+        }
+
+        #[test]
+        fn qos2_outbound_and_inbound() {
+            let (mut s, rec) = durable();
+            let stats = Stats::default();
+            s.mailbox.push(delivery(QoS::ExactlyOnce, b"2"), &stats);
+            let p = send_next(&mut s);
+            let id = p.packet_id;
+            assert!(s.on_pubrec(id, ReasonCode::SUCCESS).is_some());
+            // A PUBREC repeated (our PUBREL was lost) changes nothing durable.
+            assert!(s.on_pubrec(id, ReasonCode::SUCCESS).is_some());
+            assert!(s.on_pubcomp(id));
+            assert_eq!(
+                rec.take_events(),
+                vec![
+                    Rec::Enqueued(1),
+                    Rec::InFlight(1, id, OutState::AwaitPubRec),
+                    Rec::PubRecd(1, id),
+                    Rec::Done(1),
+                ]
+            );
+
+            // Inbound: the id is journaled when first seen, not for a resend, and released
+            // once by PUBREL.
+            assert_eq!(s.begin_inbound_qos2(7, 10), InboundQos2::New);
+            assert_eq!(s.begin_inbound_qos2(7, 10), InboundQos2::Duplicate);
+            assert!(s.release_inbound_qos2(7));
+            assert!(!s.release_inbound_qos2(7));
+            assert_eq!(
+                rec.take_events(),
+                vec![Rec::InboundAdded(7), Rec::InboundReleased(7)]
+            );
+        }
+
+        #[test]
+        fn resume_resends_without_journaling_again() {
+            let (mut s, rec) = durable();
+            let stats = Stats::default();
+            s.mailbox.push(delivery(QoS::AtLeastOnce, b"1"), &stats);
+            s.mailbox.push(delivery(QoS::ExactlyOnce, b"2"), &stats);
+            let p1 = send_next(&mut s);
+            let p2 = send_next(&mut s);
+            assert!(s.on_pubrec(p2.packet_id, ReasonCode::SUCCESS).is_some());
+            rec.take_events();
+
+            // The connection is gone; a new one resumes [MQTT-4.4.0-1]: the PUBLISH again
+            // with DUP and its id, the PUBREL again. Both were journaled when first sent.
+            s.begin_resume();
+            let now = Instant::now();
+            match s.next_resend(10, ProtocolVersion::V311, now) {
+                Some(Packet::Publish(p)) => assert!(p.dup && p.packet_id == p1.packet_id),
+                other => panic!("expected the PUBLISH again, got {other:?}"),
+            }
+            match s.next_resend(10, ProtocolVersion::V311, now) {
+                Some(Packet::PubRel(a)) => assert_eq!(a.packet_id, p2.packet_id),
+                other => panic!("expected the PUBREL again, got {other:?}"),
+            }
+            assert_eq!(rec.take_events(), vec![]);
+            assert!(s.on_puback(p1.packet_id));
+            assert!(s.on_pubcomp(p2.packet_id));
+            assert_eq!(rec.take_events(), vec![Rec::Done(1), Rec::Done(2)]);
+        }
+
+        #[test]
+        fn a_detached_session_numbers_nothing_and_has_no_image() {
+            let s = session();
+            s.mailbox.set_online(true);
+            s.mailbox
+                .push(delivery(QoS::AtLeastOnce, b"1"), &Stats::default());
+            let d = s.mailbox.pop().expect("queued");
+            assert_eq!(d.seq, 0, "not journaled, so not numbered");
+            assert!(s.image(None, None).is_none());
+        }
     }
 }

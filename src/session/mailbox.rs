@@ -18,8 +18,8 @@ use tokio::sync::Notify;
 use crate::auth::acl::ClientAcl;
 use crate::auth::gate::epoch_tag;
 use crate::config::{OverflowPolicy, SessionConfig};
+use crate::session::journal::SessionJournal;
 use crate::stats::Stats;
-use crate::store::SessionLog;
 use crate::wire::message::Delivery;
 use crate::wire::packet::QoS;
 
@@ -57,7 +57,7 @@ struct Inner {
     online: bool,
     closed: bool,
     /// Durable session: QoS 1/2 messages are written to the store as they are queued.
-    log: Option<std::sync::Arc<SessionLog>>,
+    journal: SessionJournal,
     /// Next stored-queue number.
     next_seq: u64,
     /// Deliveries taken by the connection so far: its progress, compared by a held-back
@@ -179,18 +179,14 @@ impl Mailbox {
                                 };
                                 q.bytes -= old.size();
                                 dropped += 1;
-                                if let (Some(log), true) = (&q.log, old.seq != 0) {
-                                    log.done(old.seq);
-                                }
+                                q.journal.done(old.seq);
                             }
-                            if d.qos != QoS::AtMostOnce && q.log.is_some() {
+                            if d.qos != QoS::AtMostOnce && q.journal.is_attached() {
                                 // Written under the queue lock, so the store sees a queue's
                                 // messages in queue order and before anyone can pop them.
                                 d.seq = q.next_seq;
                                 q.next_seq += 1;
-                                if let Some(log) = &q.log {
-                                    log.enqueue(&d);
-                                }
+                                q.journal.enqueued(&d);
                             }
                             q.bytes += size;
                             q.dropped += dropped as u64;
@@ -342,11 +338,11 @@ impl Mailbox {
         q.online && !q.closed && q.queue.len() < self.limits.max_messages
     }
 
-    /// Write QoS 1/2 messages queued from now on to `log` (numbered from `next_seq`), or stop
-    /// writing them with `None`.
-    pub fn set_log(&self, log: Option<std::sync::Arc<SessionLog>>, next_seq: u64) {
+    /// Journal QoS 1/2 messages queued from now on to `journal` (numbered from `next_seq`),
+    /// or stop journaling them with a detached one.
+    pub fn set_journal(&self, journal: SessionJournal, next_seq: u64) {
         let mut q = self.lock();
-        q.log = log;
+        q.journal = journal;
         q.next_seq = next_seq.max(1);
     }
 

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::session::expiry::{Timer, TimerKind, Timers};
 use crate::session::inspect::SessionInfo;
+use crate::session::journal::{self, ImageKind};
 use crate::session::{Session, EXPIRY_NEVER};
 
 /// A request to the connection task that currently owns a session.
@@ -377,7 +378,7 @@ impl Registry {
                 let will = session.pending_will.take();
                 // A durable session records that its will is gone, or a restart would
                 // publish it again. Rebased to now: the remaining lifetime counts from here.
-                if let Some(log) = session.log.clone() {
+                if session.journal.is_attached() {
                     let now = Instant::now();
                     let left = deadline.map_or(EXPIRY_NEVER, |d| {
                         let ms = d.saturating_duration_since(now).as_millis();
@@ -386,11 +387,7 @@ impl Registry {
                             .max(1)
                     });
                     let saved = std::mem::replace(&mut session.expiry_interval, left);
-                    let wall = crate::store::record::to_wall(now);
-                    if let Some(m) = crate::store::recovery::session_meta(session, None, Some(wall))
-                    {
-                        log.meta(m);
-                    }
+                    session.journal_image(ImageKind::Changed, None, Some(journal::to_wall(now)));
                     session.expiry_interval = saved;
                 }
                 will

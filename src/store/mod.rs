@@ -32,43 +32,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::config::{FsyncPolicy, StoreConfig};
+use crate::session::journal::{Durable, Event, Journal, JournalFigures, RetainedChange};
 use crate::session::OutState;
 use crate::wire::message::Delivery;
 
-use record::{Block, FileKind, HeaderError, Record, SessionMeta, HEADER_LEN};
+use record::{Block, FileKind, HeaderError, Record, HEADER_LEN};
 use state::State;
-
-/// When the log is fsynced, and so what a crash of the machine (not just of tether) may lose.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum FsyncPolicy {
-    /// fsync every group commit before acknowledging: nothing acknowledged is ever lost.
-    #[default]
-    Always,
-    /// Acknowledge once written to the OS, fsync every `fsync_interval_ms`: a power loss or
-    /// kernel crash loses up to that interval of acknowledged messages; a tether crash none.
-    Interval,
-    /// Acknowledge once written to the OS, never fsync (the kernel writes back when it likes):
-    /// a power loss or kernel crash may lose anything not yet written back; a tether crash none.
-    Never,
-}
-
-/// How the store is opened.
-#[derive(Debug, Clone)]
-pub struct StoreConfig {
-    /// Directory of the log files.
-    pub dir: PathBuf,
-    /// fsync policy.
-    pub fsync: FsyncPolicy,
-    /// Period of the `interval` policy.
-    pub fsync_interval: Duration,
-    /// A segment is closed past this size, which lets compaction reclaim it.
-    pub segment_bytes: u64,
-}
 
 /// Why the store cannot be opened.
 #[derive(Debug)]
@@ -99,29 +72,6 @@ impl std::error::Error for StoreError {}
 
 /// Stores opened in this process so far (see `Pending::generation`).
 static STORES: AtomicU64 = AtomicU64::new(1);
-
-/// The store's figures at one moment (see `Store::figures`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct StoreFigures {
-    /// Bytes of log files in the data directory.
-    pub bytes: u64,
-    /// Group commits since start (batches written, and fsynced under `always`, for someone
-    /// waiting for them).
-    pub commits: u64,
-    /// Their write + fsync time, summed, in microseconds.
-    pub commit_micros: u64,
-    /// Writes are failing (disk full, I/O error).
-    pub failed: bool,
-}
-
-/// Durability progress as connections see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Durable {
-    /// Every record with an LSN up to this one is durable (per the fsync policy).
-    pub lsn: u64,
-    /// The last write failed: nothing newer is durable until a retry succeeds.
-    pub failed: bool,
-}
 
 thread_local! {
     /// Highest LSN appended with `sync = true` by this thread since the last `take_sync_mark`.
@@ -264,33 +214,6 @@ impl Local {
                 self.count += 1;
             }
         }
-    }
-}
-
-/// A scope in which this thread's appends without `sync` are collected and handed to the
-/// writer in one go when it ends (or before the next `sync` append, which keeps the log in
-/// the order of the appends). One connection's pass over its input (PUBACKs and PUBLISHes
-/// sent, each with a record) then takes the shared lock once instead of once per record.
-/// Must not be held across an `.await`: other tasks run on the thread meanwhile.
-pub struct Batch<'a> {
-    store: &'a Store,
-}
-
-impl Drop for Batch<'_> {
-    fn drop(&mut self) {
-        let flush = LOCAL.with_borrow_mut(|l| {
-            l.depth -= 1;
-            l.depth == 0 && (l.count > 0 || l.run.is_some())
-        });
-        if flush {
-            let mut p = self.store.shared.lock();
-            self.store.flush_local(&mut p);
-        }
-        LOCAL.with_borrow_mut(|l| {
-            if l.depth == 0 {
-                l.store = std::ptr::null();
-            }
-        });
     }
 }
 
@@ -607,7 +530,7 @@ impl Store {
             .and_then(|m| m.modified().ok())
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or_else(record::wall_now);
+            .unwrap_or_else(crate::session::journal::wall_now);
 
         let next = files.last().map_or(1, |(n, _)| n + 1);
         let sealed: Vec<u64> = files.iter().map(|(n, _)| *n).collect();
@@ -647,7 +570,7 @@ impl Store {
         // keeps them increasing across restarts even after compaction forgot old ones.
         let first = state
             .max_incarnation
-            .max(record::wall_now().saturating_mul(1000))
+            .max(crate::session::journal::wall_now().saturating_mul(1000))
             + 1;
         let files_read = files.len();
         Ok(Opened {
@@ -671,20 +594,35 @@ impl Store {
         &self.dir
     }
 
-    /// A number for a new session, never used before in this store.
-    pub fn new_incarnation(&self) -> u64 {
-        self.incarnations.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Start a `Batch` scope on this thread.
-    pub fn batch(&self) -> Batch<'_> {
+    /// Start a batch scope on this thread (see `journal::batch`): appends without `sync` are
+    /// collected and handed to the writer in one go when it ends (or before the next `sync`
+    /// append, which keeps the log in the order of the appends). One connection's pass over
+    /// its input (PUBACKs and PUBLISHes sent, each with a record) then takes the shared lock
+    /// once instead of once per record. Scopes nest.
+    fn begin_batch_scope(&self) {
         LOCAL.with_borrow_mut(|l| {
             if l.depth == 0 {
                 l.store = self;
             }
             l.depth += 1;
         });
-        Batch { store: self }
+    }
+
+    /// End a scope started by `begin_batch_scope`; the outermost hands the batch over.
+    fn end_batch_scope(&self) {
+        let flush = LOCAL.with_borrow_mut(|l| {
+            l.depth = l.depth.saturating_sub(1);
+            l.depth == 0 && (l.count > 0 || l.run.is_some())
+        });
+        if flush {
+            let mut p = self.shared.lock();
+            self.flush_local(&mut p);
+        }
+        LOCAL.with_borrow_mut(|l| {
+            if l.depth == 0 {
+                l.store = std::ptr::null();
+            }
+        });
     }
 
     /// Queue a record for the writer. With `sync`, the calling thread's sync mark is raised
@@ -814,7 +752,7 @@ impl Store {
     }
 
     /// Figures for /metrics and `$SYS`. The size is read from the directory (a few files).
-    pub fn figures(&self) -> StoreFigures {
+    pub fn figures(&self) -> JournalFigures {
         let bytes = list(&self.dir)
             .map(|files| {
                 files
@@ -824,7 +762,7 @@ impl Store {
                     .sum()
             })
             .unwrap_or(0);
-        StoreFigures {
+        JournalFigures {
             bytes,
             commits: self.shared.commits.load(Ordering::Relaxed),
             commit_micros: self.shared.commit_micros.load(Ordering::Relaxed),
@@ -838,22 +776,13 @@ impl Store {
     }
 
     /// Watch durability progress.
-    pub fn durable(&self) -> watch::Receiver<Durable> {
+    pub fn durable_rx(&self) -> watch::Receiver<Durable> {
         self.shared.durable.subscribe()
     }
 
     /// The highest durable LSN now.
     pub fn durable_lsn(&self) -> u64 {
         self.shared.durable.borrow().lsn
-    }
-
-    /// Wait until `lsn` is durable. False if the store failed first (the caller must not
-    /// acknowledge) or shut down.
-    pub async fn wait_durable(rx: &mut watch::Receiver<Durable>, lsn: u64) -> bool {
-        match rx.wait_for(|d| d.lsn >= lsn || d.failed).await {
-            Ok(d) => d.lsn >= lsn,
-            Err(_) => false,
-        }
     }
 
     /// Write and fsync everything appended so far, stop the writer and wait for it
@@ -1267,84 +1196,86 @@ pub fn compact(dir: &Path, numbers: &[u64]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The durable side of one session: appends its records to the store.
-#[derive(Debug)]
-pub struct SessionLog {
-    /// The store.
-    pub store: Arc<Store>,
-    /// Client Identifier.
-    pub client_id: Arc<str>,
-    /// Which session of this Client ID.
-    pub incarnation: u64,
-}
-
-impl SessionLog {
-    /// A new session in `store`.
-    pub fn new(store: Arc<Store>, client_id: Arc<str>) -> SessionLog {
-        let incarnation = store.new_incarnation();
-        SessionLog {
-            store,
-            client_id,
-            incarnation,
-        }
+/// The store as the sessions' journal: every event becomes one log record.
+impl Journal for Store {
+    fn is_on(&self) -> bool {
+        true
     }
 
-    /// Message `d` entered the queue (the publisher's acknowledgement waits for it).
-    pub fn enqueue(&self, d: &Delivery) {
-        self.store.append_enqueue(self.incarnation, d);
+    fn new_incarnation(&self) -> u64 {
+        self.incarnations.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Queue entry `seq` is in flight as `packet_id` in `state`. `sync`: the packet that
-    /// follows must wait for it (QoS 2: a lost packet id would deliver twice).
-    pub fn sent(&self, seq: u64, packet_id: u16, state: OutState, sync: bool) {
-        self.store.append(
-            &Record::Sent {
-                incarnation: self.incarnation,
+    fn session(&self, incarnation: u64, event: Event<'_>) {
+        let sync = event.must_sync();
+        let rec = match event {
+            Event::Image(_, image) => Record::Session(image),
+            Event::Enqueued(d) => return self.append_enqueue(incarnation, d),
+            Event::InFlight {
+                seq,
+                packet_id,
+                state,
+            } => Record::Sent {
+                incarnation,
                 seq,
                 packet_id,
                 state,
             },
-            sync,
-        );
-    }
-
-    /// Queue entry `seq` is finished. Not waited for: losing it only re-sends a QoS 1
-    /// message or a PUBREL, which the protocol allows.
-    pub fn done(&self, seq: u64) {
-        self.store.append(
-            &Record::Done {
-                incarnation: self.incarnation,
+            Event::PubRecd { seq, packet_id } => Record::Sent {
+                incarnation,
                 seq,
-            },
-            false,
-        );
-    }
-
-    /// An inbound QoS 2 id was added (PUBREC follows) or released (PUBCOMP follows): both
-    /// must be durable first, or a restart would deliver twice or swallow a reused id.
-    pub fn inbound(&self, packet_id: u16, added: bool) {
-        self.store.append(
-            &Record::Inbound {
-                incarnation: self.incarnation,
                 packet_id,
-                added,
+                state: OutState::AwaitPubComp,
             },
-            true,
-        );
+            Event::Done { seq } => Record::Done { incarnation, seq },
+            Event::InboundAdded { packet_id } => Record::Inbound {
+                incarnation,
+                packet_id,
+                added: true,
+            },
+            Event::InboundReleased { packet_id } => Record::Inbound {
+                incarnation,
+                packet_id,
+                added: false,
+            },
+            Event::Ended => Record::SessionEnd { incarnation },
+        };
+        self.append(&rec, sync);
     }
 
-    /// The session's metadata changed.
-    pub fn meta(&self, meta: SessionMeta) {
-        self.store.append(&Record::Session(Box::new(meta)), true);
+    fn retained(&self, change: RetainedChange<'_>) {
+        let rec = match change {
+            RetainedChange::Set(m) => Record::RetainSet(m.clone()),
+            RetainedChange::Cleared(topic) => Record::RetainDel(topic.to_string()),
+        };
+        self.append(&rec, true);
     }
 
-    /// The session ended.
-    pub fn end(&self) {
-        self.store.append(
-            &Record::SessionEnd {
-                incarnation: self.incarnation,
-            },
-            true,
-        );
+    fn take_sync_mark(&self) -> u64 {
+        take_sync_mark()
+    }
+
+    fn durable(&self) -> Option<watch::Receiver<Durable>> {
+        Some(self.durable_rx())
+    }
+
+    fn is_failed(&self) -> bool {
+        Store::is_failed(self)
+    }
+
+    fn begin_batch(&self) {
+        self.begin_batch_scope();
+    }
+
+    fn end_batch(&self) {
+        self.end_batch_scope();
+    }
+
+    fn figures(&self) -> Option<JournalFigures> {
+        Some(Store::figures(self))
+    }
+
+    fn close(&self) {
+        Store::close(self);
     }
 }

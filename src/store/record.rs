@@ -11,11 +11,10 @@
 //! because monotonic instants mean nothing to the next process.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use tokio::time::Instant;
 
+use crate::session::journal::{from_wall, to_wall, SessionImage};
 use crate::session::{OutState, Subscription};
 use crate::wire::message::{Delivery, Message};
 use crate::wire::packet::{ProtocolVersion, PublishProperties, QoS, RetainHandling, Will};
@@ -164,67 +163,13 @@ fn crc32c_tables(data: &[u8]) -> u32 {
     !c
 }
 
-/// Wall-clock milliseconds now.
-pub fn wall_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// A monotonic instant as wall-clock milliseconds.
-pub fn to_wall(at: Instant) -> u64 {
-    let now = Instant::now();
-    let wall = wall_now();
-    if at >= now {
-        wall.saturating_add(u64::try_from((at - now).as_millis()).unwrap_or(u64::MAX))
-    } else {
-        wall.saturating_sub(u64::try_from((now - at).as_millis()).unwrap_or(u64::MAX))
-    }
-}
-
-/// Wall-clock milliseconds as a monotonic instant (a past time becomes a past instant, as far
-/// back as the clock allows).
-pub fn from_wall(ms: u64) -> Instant {
-    let now = Instant::now();
-    let wall = wall_now();
-    if ms >= wall {
-        now + Duration::from_millis(ms - wall)
-    } else {
-        let back = Duration::from_millis(wall - ms);
-        now.checked_sub(back)
-            .unwrap_or(now - Duration::from_secs(0))
-    }
-}
-
-/// Everything about a session except its messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionMeta {
-    /// Client Identifier.
-    pub client_id: Arc<str>,
-    /// Which session of this Client ID: a fresh number per session, so records of an ended
-    /// session can never apply to its successor.
-    pub incarnation: u64,
-    /// Protocol of the last connection.
-    pub protocol: ProtocolVersion,
-    /// Session Expiry Interval.
-    pub expiry_interval: u32,
-    /// When its connection closed (wall ms); `None` while connected.
-    pub disconnected_at: Option<u64>,
-    /// While connected: the connection's will (published if the broker dies, as for any
-    /// abnormal close). While disconnected: the will still waiting for its delay.
-    pub will: Option<Will>,
-    /// Filter -> options.
-    pub subscriptions: Vec<(String, Subscription)>,
-}
-
 /// One log record. Sessions are named by their incarnation, which is unique in the store:
 /// the `Session` record maps it to the Client ID, so the records written per message and per
 /// delivery do not repeat the Client ID.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     /// Create or update a session (a new incarnation replaces the old session entirely).
-    Session(Box<SessionMeta>),
+    Session(Box<SessionImage>),
     /// The session ended; its state is gone.
     SessionEnd {
         /// Which session.
@@ -842,7 +787,7 @@ pub fn decode(payload: &[u8]) -> Result<Record, DecodeError> {
                     },
                 ));
             }
-            Record::Session(Box::new(SessionMeta {
+            Record::Session(Box::new(SessionImage {
                 client_id,
                 incarnation,
                 protocol,
@@ -1041,7 +986,7 @@ mod tests {
             m.publisher = Some("pub".into());
         }
         vec![
-            Record::Session(Box::new(SessionMeta {
+            Record::Session(Box::new(SessionImage {
                 client_id: "c".into(),
                 incarnation: 3,
                 protocol: ProtocolVersion::V5,

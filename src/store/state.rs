@@ -7,7 +7,8 @@ use std::sync::Arc;
 use crate::session::OutState;
 use crate::wire::message::{Delivery, Message};
 
-use super::record::{Record, SessionMeta};
+use super::record::Record;
+use crate::session::journal::SessionImage;
 
 /// One queued or in-flight message of a stored session.
 #[derive(Debug, Clone)]
@@ -24,7 +25,7 @@ pub struct Entry {
 #[derive(Debug, Clone)]
 pub struct StoredSession {
     /// Everything but the messages.
-    pub meta: SessionMeta,
+    pub meta: SessionImage,
     /// Queue number -> message, oldest first.
     pub queue: BTreeMap<u64, Entry>,
     /// Inbound QoS 2 packet ids awaiting PUBREL.

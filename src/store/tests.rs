@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::record::{self, Block, FileKind, Record, SessionMeta};
-use super::{FsyncPolicy, Opened, SessionLog, Store, StoreConfig};
+use super::record::{self, Block, FileKind, Record};
+use super::{FsyncPolicy, Opened, Store, StoreConfig};
+use crate::session::journal::{self, ImageKind, Journal, SessionImage, SessionJournal};
 use crate::testutil::delivery;
 use crate::wire::message::{Delivery, Message};
 use crate::wire::packet::{ProtocolVersion, QoS};
@@ -43,17 +44,21 @@ fn open(dir: &Path) -> Opened {
     .expect("open")
 }
 
-fn session(store: &Arc<Store>, id: &str) -> SessionLog {
-    let log = SessionLog::new(store.clone(), id.into());
-    log.meta(SessionMeta {
-        client_id: id.into(),
-        incarnation: log.incarnation,
-        protocol: ProtocolVersion::V311,
-        expiry_interval: 3600,
-        disconnected_at: Some(1),
-        will: None,
-        subscriptions: vec![],
-    });
+fn session(store: &Arc<Store>, id: &str) -> SessionJournal {
+    let j: Arc<dyn Journal> = store.clone();
+    let log = SessionJournal::attach(&j);
+    log.image(
+        ImageKind::Created,
+        SessionImage {
+            client_id: id.into(),
+            incarnation: log.incarnation().expect("attached"),
+            protocol: ProtocolVersion::V311,
+            expiry_interval: 3600,
+            disconnected_at: Some(1),
+            will: None,
+            subscriptions: vec![],
+        },
+    );
     log
 }
 
@@ -91,7 +96,7 @@ fn message_records(recs: &[Record]) -> usize {
 }
 
 /// Appends small records until the writer has started a new file.
-fn roll(store: &Arc<Store>, dir: &Path, filler: &SessionLog) {
+fn roll(store: &Arc<Store>, dir: &Path, filler: &SessionJournal) {
     let before = super::list(dir).expect("list").len();
     let mut seq = 1_000_000;
     until("a new log file", || {
@@ -136,11 +141,11 @@ fn a_message_is_written_once_per_file_and_survives_compaction() {
         ..delivery(QoS::AtLeastOnce, b"")
     };
     // Two sessions in one file: one message record, two entries referring to it.
-    a.enqueue(&queued(&d, 1));
-    b.enqueue(&queued(&d, 1));
+    a.enqueued(&queued(&d, 1));
+    b.enqueued(&queued(&d, 1));
     roll(&store, &dir.0, &filler);
     // The same message in the next file is written there again.
-    c.enqueue(&queued(&d, 1));
+    c.enqueued(&queued(&d, 1));
     let lsn = synced(&store);
     until("durable", || store.durable_lsn() >= lsn);
     let logs = files(&dir.0);
@@ -191,7 +196,7 @@ fn snapshot_keeps_messages_of_equal_ids_from_different_files_apart() {
     };
     {
         let store = open(&dir.0).store;
-        session(&store, "a").enqueue(&queued(&first, 1));
+        session(&store, "a").enqueued(&queued(&first, 1));
         store.close();
     }
     {
@@ -199,7 +204,7 @@ fn snapshot_keeps_messages_of_equal_ids_from_different_files_apart() {
         let opened = open(&dir.0);
         let store = opened.store;
         let b = session(&store, "b");
-        b.enqueue(&queued(&second, 1));
+        b.enqueued(&queued(&second, 1));
         let filler = session(&store, "filler");
         for _ in 0..3 {
             roll(&store, &dir.0, &filler);
@@ -236,7 +241,7 @@ fn a_batch_keeps_the_order_of_appends() {
     let a = session(&store, "a");
     let before = synced(&store);
     {
-        let _batch = store.batch();
+        let _batch = journal::batch(&*store);
         a.done(1);
         a.done(2);
         until("durable", || store.durable_lsn() >= before);
@@ -256,7 +261,7 @@ fn a_batch_keeps_the_order_of_appends() {
         .iter()
         .filter(|r| !matches!(r, Record::Session(_) | Record::RetainDel(_)))
         .collect();
-    let inc = a.incarnation;
+    let inc = a.incarnation().expect("attached");
     assert_eq!(
         tail,
         [
@@ -279,7 +284,7 @@ fn a_batch_keeps_the_order_of_appends() {
 }
 
 fn meta(client_id: &str, incarnation: u64) -> Record {
-    Record::Session(Box::new(SessionMeta {
+    Record::Session(Box::new(SessionImage {
         client_id: client_id.into(),
         incarnation,
         protocol: ProtocolVersion::V5,
@@ -398,20 +403,20 @@ fn runs_of_sent_and_done_become_ranges() {
     let (a, b) = (session(&store, "a"), session(&store, "b"));
     let d = delivery(QoS::AtLeastOnce, b"m");
     {
-        let _batch = store.batch();
+        let _batch = journal::batch(&*store);
         for seq in 1..=6 {
-            a.enqueue(&queued(&d, seq));
+            a.enqueued(&queued(&d, seq));
         }
-        b.enqueue(&queued(&d, 1));
+        b.enqueued(&queued(&d, 1));
     }
     {
-        let _batch = store.batch();
-        a.sent(1, 65_534, AwaitPubAck, false);
-        a.sent(2, 65_535, AwaitPubAck, false);
-        a.sent(3, 1, AwaitPubAck, false);
-        a.sent(4, 2, AwaitPubRec, false); // another state
-        b.sent(1, 3, AwaitPubAck, false); // another session
-        a.sent(5, 9, AwaitPubAck, false); // not the next id
+        let _batch = journal::batch(&*store);
+        a.in_flight(1, 65_534, AwaitPubAck);
+        a.in_flight(2, 65_535, AwaitPubAck);
+        a.in_flight(3, 1, AwaitPubAck);
+        a.in_flight(4, 2, AwaitPubRec); // another state
+        b.in_flight(1, 3, AwaitPubAck); // another session
+        a.in_flight(5, 9, AwaitPubAck); // not the next id
         a.done(1);
         a.done(2);
         a.done(4); // a gap
@@ -419,7 +424,10 @@ fn runs_of_sent_and_done_become_ranges() {
     let lsn = synced(&store);
     until("durable", || store.durable_lsn() >= lsn);
     let recs: Vec<Record> = files(&dir.0).into_iter().flat_map(|f| f.2).collect();
-    let (ia, ib) = (a.incarnation, b.incarnation);
+    let (ia, ib) = (
+        a.incarnation().expect("attached"),
+        b.incarnation().expect("attached"),
+    );
     let runs: Vec<&Record> = recs
         .iter()
         .filter(|r| {
@@ -529,9 +537,9 @@ fn a_message_shared_by_two_stores_is_written_to_each() {
     let (s1, s2) = (open(&d1.0).store, open(&d2.0).store);
     let (a, b) = (session(&s1, "a"), session(&s2, "b"));
     let shared = delivery(QoS::AtLeastOnce, b"shared");
-    a.enqueue(&queued(&shared, 1));
-    b.enqueue(&queued(&delivery(QoS::AtLeastOnce, b"other"), 1));
-    b.enqueue(&queued(&shared, 2));
+    a.enqueued(&queued(&shared, 1));
+    b.enqueued(&queued(&delivery(QoS::AtLeastOnce, b"other"), 1));
+    b.enqueued(&queued(&shared, 2));
     s1.close();
     s2.close();
     drop((s1, s2));
@@ -560,12 +568,12 @@ fn a_failed_roll_fails_the_store_until_it_succeeds() {
     std::fs::remove_dir(&blocker).expect("remove blocker");
     until("recovery", || !store.is_failed());
     let lsn = synced(&store);
-    let mut rx = store.durable();
+    let mut rx = store.durable_rx();
     let durable = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime")
-        .block_on(Store::wait_durable(&mut rx, lsn));
+        .block_on(journal::wait_durable(&mut rx, lsn));
     assert!(durable, "still failed for waiters: {:?}", *rx.borrow());
 }
 
@@ -609,13 +617,13 @@ fn concurrent_appends_across_rolls_replay_exactly() {
                 let mut expect = std::collections::BTreeMap::new();
                 let (mut seq, mut pid) = (1u64, 1u16);
                 for round in 0..400u64 {
-                    let _batch = store.batch();
+                    let _batch = journal::batch(&*store);
                     for k in 0..5 {
                         let m = &msgs[((round + k + t) % 8) as usize];
-                        s.enqueue(&queued(m, seq));
+                        s.enqueued(&queued(m, seq));
                         expect.insert(seq, m.msg.payload.clone());
                         if seq % 3 == 0 {
-                            s.sent(seq, pid, AwaitPubAck, false);
+                            s.in_flight(seq, pid, AwaitPubAck);
                             pid = record::packet_id_after(pid, 1);
                         }
                         if seq % 2 == 0 {

@@ -47,6 +47,16 @@ impl TestBroker {
         })
     }
 
+    /// Start with the default configuration, journaling to `journal` (e.g. a recording).
+    pub async fn with_journal(journal: Arc<dyn tether::session::journal::Journal>) -> TestBroker {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let broker = Broker::with_journal(Arc::new(Config::default()), journal);
+        TestBroker::running(vec![addr], broker, |b, stopped| {
+            tether::net::server::run_with(listener, b, stopped)
+        })
+    }
+
     /// Spawn `run(broker, stopped)`, where `stopped` completes when the test stops it.
     fn running<F>(
         addrs: Vec<SocketAddr>,

@@ -1,4 +1,11 @@
-//! The broker's shared state and the operations that span several parts of it.
+//! The broker's shared state and the operations that span several parts of it; `restore`
+//! rebuilds it from what a journal recovered at start.
+
+mod restore;
+#[cfg(test)]
+mod tests;
+
+pub use restore::Restored;
 
 use std::sync::{Arc, RwLock};
 
@@ -10,12 +17,12 @@ use crate::config::Config;
 use crate::routing::retain::RetainStore;
 use crate::routing::router::{Router, SubEntry};
 use crate::session::expiry::TimerKind;
+use crate::session::journal::{Journal, NoJournal};
 use crate::session::mailbox::{Mailbox, QueueLimits};
 use crate::session::registry::Registry;
 use crate::session::{Session, Subscription};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use crate::store::Store;
 use crate::transport::tls::Certs;
 use crate::wire::message::Message;
 use crate::wire::packet::{ProtocolVersion, Will};
@@ -44,8 +51,9 @@ pub struct Broker {
     pub retained: RetainStore,
     /// Counters.
     pub stats: Stats,
-    /// The durable store, when persistence is on; `None` keeps everything in memory.
-    pub store: Option<Arc<Store>>,
+    /// Where durable sessions and retained messages are journaled: the store with
+    /// persistence on, [`NoJournal`] with it off.
+    pub journal: Arc<dyn Journal>,
     /// Source of server-assigned Client IDs: a counter hashed with this process's random
     /// SipHash keys, so assigned IDs are unique and cannot be guessed to hijack a session.
     assigned_ids: (
@@ -62,14 +70,14 @@ pub struct Broker {
 impl Broker {
     /// A broker with nothing in it, keeping everything in memory.
     pub fn new(config: Arc<Config>) -> Arc<Broker> {
-        Broker::with_store(config, None)
+        Broker::with_journal(config, Arc::new(NoJournal))
     }
 
-    /// A broker writing durable sessions and retained messages to `store` (see
-    /// `store::recovery::restore` to load what the store holds first).
-    pub fn with_store(config: Arc<Config>, store: Option<Arc<Store>>) -> Arc<Broker> {
+    /// A broker journaling durable sessions and retained messages to `journal` (see
+    /// [`Broker::restore`] to load what it held first).
+    pub fn with_journal(config: Arc<Config>, journal: Arc<dyn Journal>) -> Arc<Broker> {
         Arc::new(Broker {
-            store,
+            journal,
             retained: RetainStore::new(config.retain.max_messages, config.retain.max_bytes),
             live: RwLock::new(config.clone()),
             started: std::time::Instant::now(),
@@ -173,7 +181,7 @@ impl Broker {
     pub fn publish_into(&self, msg: Message, congested: Option<&mut Vec<Arc<Mailbox>>>) -> usize {
         let msg = Arc::new(msg);
         if msg.retain {
-            if self.store.as_ref().is_some_and(|s| s.is_failed()) {
+            if self.journal.is_failed() {
                 // The store cannot take the change: refusing it keeps memory and disk in step,
                 // and stops a client publishing retained messages in a loop (QoS 0 included)
                 // from growing the store's pending buffer without bound during an outage.
@@ -181,7 +189,7 @@ impl Broker {
                 Stats::incr(&self.stats.dropped_retained_full);
             } else {
                 self.retained
-                    .set_logged(&msg, &self.stats, self.store.as_deref());
+                    .set_journaled(&msg, &self.stats, &*self.journal);
             }
         }
         self.router.route_into(&msg, &self.stats, congested)
@@ -239,9 +247,7 @@ impl Broker {
         if let Some(will) = session.pending_will.take() {
             self.publish_will(&session.client_id, will, Instant::now());
         }
-        if let Some(log) = session.log.take() {
-            log.end();
-        }
+        std::mem::take(&mut session.journal).ended();
         for filter in session.subscriptions.keys() {
             self.router
                 .unsubscribe(&session.client_id, filter, &session.mailbox);
