@@ -1,11 +1,9 @@
 //! The broker's shared state and the operations that span several parts of it; `restore`
 //! rebuilds it from what a journal recovered at start.
 
-mod restore;
+pub mod restore;
 #[cfg(test)]
 mod tests;
-
-pub use restore::Restored;
 
 use std::sync::{Arc, RwLock};
 

@@ -513,6 +513,11 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
     }
 
+    /// How the store is opened, from `data_dir` and `[persistence]`.
+    pub fn store_config(&self) -> StoreConfig {
+        self.persistence.store_config(self.data_dir_or_default())
+    }
+
     /// The CONNECT deadline.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.listener.connect_timeout_secs)

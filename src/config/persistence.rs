@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::Config;
-
 /// `[persistence]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -63,14 +61,14 @@ pub struct StoreConfig {
     pub segment_bytes: u64,
 }
 
-impl Config {
-    /// How the store is opened, from `data_dir` and `[persistence]`.
-    pub fn store_config(&self) -> StoreConfig {
+impl PersistenceConfig {
+    /// How the store in `dir` is opened with these settings.
+    pub fn store_config(&self, dir: PathBuf) -> StoreConfig {
         StoreConfig {
-            dir: self.data_dir_or_default(),
-            fsync: self.persistence.fsync,
-            fsync_interval: Duration::from_millis(self.persistence.fsync_interval_ms),
-            segment_bytes: self.persistence.segment_bytes,
+            dir,
+            fsync: self.fsync,
+            fsync_interval: Duration::from_millis(self.fsync_interval_ms),
+            segment_bytes: self.segment_bytes,
         }
     }
 }
