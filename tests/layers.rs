@@ -91,7 +91,11 @@ fn paths(code: &str, anchor: &str) -> Vec<String> {
 
 fn graph() -> Graph {
     let mut mods = BTreeMap::new();
-    modules(Path::new(env!("CARGO_MANIFEST_DIR")).join("src").as_path(), &[], &mut mods);
+    modules(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("src").as_path(),
+        &[],
+        &mut mods,
+    );
     // Re-exports of a folder's mod.rs (`pub use machine::{Session, ...}`): a path through the
     // folder depends on the module that defines the item.
     let mut reexports = BTreeMap::new();
@@ -118,12 +122,7 @@ fn graph() -> Graph {
                 return None;
             }
             match parts.get(k) {
-                Some(item) => Some(
-                    reexports
-                        .get(&format!("{m}::{item}"))
-                        .cloned()
-                        .unwrap_or(m),
-                ),
+                Some(item) => Some(reexports.get(&format!("{m}::{item}")).cloned().unwrap_or(m)),
                 None => Some(m),
             }
         })
@@ -198,7 +197,10 @@ fn layer(m: &str) -> usize {
 fn no_module_is_part_of_an_import_cycle() {
     let g = graph();
     for (m, deps) in &g {
-        println!("{m}: {}", deps.iter().cloned().collect::<Vec<_>>().join(", "));
+        println!(
+            "{m}: {}",
+            deps.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
     }
     assert!(g.len() > 40, "the graph reader found too few modules");
     assert!(

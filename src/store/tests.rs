@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::record::{self, Block, FileKind, Record};
-use super::{FsyncPolicy, Opened, Store, StoreConfig};
+use super::frame::{self, Block, FileKind};
+use super::record::{self, Record};
+use super::{Opened, Store};
+use crate::config::{FsyncPolicy, StoreConfig};
 use crate::session::journal::{self, ImageKind, Journal, SessionImage, SessionJournal};
 use crate::testutil::delivery;
 use crate::wire::message::{Delivery, Message};
@@ -75,10 +77,10 @@ fn files(dir: &Path) -> Vec<(u64, FileKind, Vec<Record>)> {
     let mut out = Vec::new();
     for (n, path) in super::list(dir).expect("list") {
         let data = std::fs::read(path).expect("read");
-        let kind = record::parse_header(&data).expect("header");
+        let kind = frame::parse_header(&data).expect("header");
         let mut recs = Vec::new();
-        let mut at = record::HEADER_LEN;
-        while let Block::Ok(body, len) = record::next_block(&data[at..]) {
+        let mut at = frame::HEADER_LEN;
+        while let Block::Ok(body, len) = frame::next_block(&data[at..]) {
             for r in record::records(body) {
                 recs.push(record::decode(r.expect("record")).expect("decode"));
             }
@@ -517,7 +519,7 @@ fn acknowledgements_are_written_lazily_and_sync_records_at_once() {
     a.done(1);
     std::thread::sleep(Duration::from_millis(5));
     // Only meaningful if this thread was not held up past the delay.
-    if appended.elapsed() < super::LAZY_DELAY * 4 / 5 {
+    if appended.elapsed() < super::writer::LAZY_DELAY * 4 / 5 {
         assert_eq!(active_len(&dir.0), before, "written before its delay");
     }
     until("the lazy write", || active_len(&dir.0) > before);
@@ -558,7 +560,7 @@ fn a_failed_roll_fails_the_store_until_it_succeeds() {
     let store = open(&dir.0).store;
     let filler = session(&store, "filler");
     let next = super::list(&dir.0).expect("list").last().expect("a file").0 + 1;
-    let blocker = dir.0.join(super::file_name(next));
+    let blocker = dir.0.join(super::files::file_name(next));
     std::fs::create_dir(&blocker).expect("blocker");
     for seq in 1..400 {
         filler.done(seq);
