@@ -178,6 +178,13 @@ async fn anonymous_clients_are_refused_by_default_off_loopback() {
 
 #[tokio::test]
 async fn a_password_file_from_mosquitto_passwd_is_accepted() {
+    if !outside::require(
+        "a_password_file_from_mosquitto_passwd_is_accepted",
+        "mosquitto_passwd",
+        "Debian package mosquitto",
+    ) {
+        return;
+    }
     let dir = temp("mosquitto-passwd");
     let file = dir.join("passwd");
     let status = std::process::Command::new("mosquitto_passwd")

@@ -264,6 +264,16 @@ fn browser_dir() -> std::path::PathBuf {
 
 #[tokio::test]
 async fn mqtt_js_under_node_over_websocket_in_both_versions() {
+    if !outside::require(
+        "mqtt_js_under_node_over_websocket_in_both_versions",
+        "node",
+        "Debian package nodejs",
+    ) {
+        return;
+    }
+    if !outside::require_browser_packages("mqtt_js_under_node_over_websocket_in_both_versions") {
+        return;
+    }
     assert!(
         browser_dir().join("node_modules/mqtt").exists(),
         "run `npm install --prefix tests/browser` (.ci/run does)"
@@ -293,6 +303,32 @@ async fn mqtt_js_under_node_over_websocket_in_both_versions() {
 
 #[tokio::test]
 async fn a_page_in_headless_chromium_gets_a_message_from_mosquitto_pub() {
+    if !outside::require(
+        "a_page_in_headless_chromium_gets_a_message_from_mosquitto_pub",
+        "node",
+        "Debian package nodejs",
+    ) {
+        return;
+    }
+    if !outside::require(
+        "a_page_in_headless_chromium_gets_a_message_from_mosquitto_pub",
+        "chromium",
+        "Debian package chromium",
+    ) {
+        return;
+    }
+    if !outside::require(
+        "a_page_in_headless_chromium_gets_a_message_from_mosquitto_pub",
+        "mosquitto_pub",
+        "Debian package mosquitto-clients",
+    ) {
+        return;
+    }
+    if !outside::require_browser_packages(
+        "a_page_in_headless_chromium_gets_a_message_from_mosquitto_pub",
+    ) {
+        return;
+    }
     assert!(
         browser_dir().join("node_modules/playwright-core").exists(),
         "run `npm install --prefix tests/browser` (.ci/run does)"

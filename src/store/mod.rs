@@ -84,7 +84,7 @@ static STORES: AtomicU64 = AtomicU64::new(1);
 thread_local! {
     /// Highest LSN appended with `sync = true` by this thread since the last `take_sync_mark`.
     static SYNC_MARK: Cell<u64> = const { Cell::new(0) };
-    /// Records appended without `sync` inside a `Store::batch` scope on this thread, not yet
+    /// Records appended without `sync` inside a `journal::batch` scope on this thread, not yet
     /// in the shared buffer.
     static LOCAL: std::cell::RefCell<Local> = const {
         std::cell::RefCell::new(Local { depth: 0, store: std::ptr::null(), buf: Vec::new(), count: 0, prompt: false, run: None })
@@ -97,7 +97,7 @@ pub fn take_sync_mark() -> u64 {
     SYNC_MARK.with(|m| m.replace(0))
 }
 
-/// A thread's batch of records (see `Store::batch`).
+/// A thread's batch of records (see `journal::batch`).
 struct Local {
     /// Nesting of `Batch` guards.
     depth: u32,

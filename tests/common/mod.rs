@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod outside;
 pub mod pki;
 
 /// Generous upper bound for anything a test waits on; a failing test fails, it does not hang.

@@ -1,0 +1,38 @@
+#![allow(dead_code)]
+//! Outside programs some tests drive (the Mosquitto clients, Node, Chromium). `bash .ci/run`
+//! installs them and sets `TETHER_REQUIRE_OUTSIDE=1`, so in CI a missing one fails the test;
+//! elsewhere (a plain `cargo test` on a fresh machine) the test is skipped with a message
+//! naming what to install.
+
+/// Is `program` on the PATH? If not: panics under `TETHER_REQUIRE_OUTSIDE=1`, otherwise prints
+/// why `test` is skipped and returns false (the caller returns).
+pub fn require(test: &str, program: &str, package: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()));
+    if found {
+        return true;
+    }
+    if std::env::var_os("TETHER_REQUIRE_OUTSIDE").is_some_and(|v| v == "1") {
+        panic!("{test} needs `{program}` ({package}), which is not installed");
+    }
+    eprintln!(
+        "SKIPPED {test}: needs `{program}` ({package}); `bash .ci/run` installs it, or install it yourself"
+    );
+    false
+}
+
+/// Are the npm packages of `tests/browser` installed (mqtt.js, playwright-core)?
+pub fn require_browser_packages(test: &str) -> bool {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/node_modules");
+    let found = dir.join("mqtt").is_dir() && dir.join("playwright-core").is_dir();
+    if found {
+        return true;
+    }
+    if std::env::var_os("TETHER_REQUIRE_OUTSIDE").is_some_and(|v| v == "1") {
+        panic!("{test} needs the npm packages of tests/browser, which are not installed");
+    }
+    eprintln!(
+        "SKIPPED {test}: needs `npm ci --prefix tests/browser` (mqtt.js, playwright-core); `bash .ci/run` runs it"
+    );
+    false
+}
