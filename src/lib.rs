@@ -8,12 +8,13 @@
 //! `config`, `stats`, `shutdown`, `memory` (leaves) < [`wire`] (the packet model, codec, topic
 //! names, messages) < [`auth`], [`transport`] < [`session`] (the session state machine, its
 //! mailbox and journal, the registry, expiry) < [`routing`] (topic index, router, retained) <
-//! [`store`] (the log, one implementation of the journal) < [`broker`] < [`net`] (acceptor,
+//! [`store`] (the log, one implementation of the journal) < [`broker`] < [`cluster`] < [`net`] (acceptor,
 //! connection task, protocol) < [`ops`] (admin API, metrics, admin client) < `main`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod memory;
 pub mod net;

@@ -17,6 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["routing"],
     &["store"],
     &["broker"],
+    &["cluster"],
     &["net"],
     &["ops", "net::server"],
 ];
