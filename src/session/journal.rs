@@ -157,20 +157,29 @@ pub trait Journal: Send + Sync + fmt::Debug {
     /// Record a retained message change (raises the sync mark).
     fn retained(&self, change: RetainedChange<'_>);
     /// The highest sync mark this thread raised since the last call (0 if none): output
-    /// produced since must wait until [`Journal::durable`] reaches it.
-    fn take_sync_mark(&self) -> u64;
+    /// produced since must wait until [`Journal::durable`] reaches it. The defaults of this
+    /// and the methods below are those of a journal with nothing to wait for.
+    fn take_sync_mark(&self) -> u64 {
+        0
+    }
     /// Durability progress; `None` when nothing ever needs waiting for.
-    fn durable(&self) -> Option<watch::Receiver<Durable>>;
+    fn durable(&self) -> Option<watch::Receiver<Durable>> {
+        None
+    }
     /// Writes are failing: refuse what would need them.
-    fn is_failed(&self) -> bool;
+    fn is_failed(&self) -> bool {
+        false
+    }
     /// Start collecting this thread's events that need no sync (see [`batch`]).
-    fn begin_batch(&self);
+    fn begin_batch(&self) {}
     /// Hand the events collected since the matching `begin_batch` to the backend.
-    fn end_batch(&self);
+    fn end_batch(&self) {}
     /// Figures for reports; `None` with persistence off.
-    fn figures(&self) -> Option<JournalFigures>;
+    fn figures(&self) -> Option<JournalFigures> {
+        None
+    }
     /// Make everything recorded so far durable and stop (graceful shutdown).
-    fn close(&self);
+    fn close(&self) {}
 }
 
 /// A scope in which this thread's events that need no sync are handed over together when it
@@ -211,21 +220,6 @@ impl Journal for NoJournal {
     }
     fn session(&self, _: u64, _: Event<'_>) {}
     fn retained(&self, _: RetainedChange<'_>) {}
-    fn take_sync_mark(&self) -> u64 {
-        0
-    }
-    fn durable(&self) -> Option<watch::Receiver<Durable>> {
-        None
-    }
-    fn is_failed(&self) -> bool {
-        false
-    }
-    fn begin_batch(&self) {}
-    fn end_batch(&self) {}
-    fn figures(&self) -> Option<JournalFigures> {
-        None
-    }
-    fn close(&self) {}
 }
 
 /// One session's handle on the journal, held by the `Session` and its `Mailbox`. Detached (the
@@ -493,20 +487,5 @@ pub mod recording {
             };
             self.push(0, r);
         }
-        fn take_sync_mark(&self) -> u64 {
-            0
-        }
-        fn durable(&self) -> Option<watch::Receiver<Durable>> {
-            None
-        }
-        fn is_failed(&self) -> bool {
-            false
-        }
-        fn begin_batch(&self) {}
-        fn end_batch(&self) {}
-        fn figures(&self) -> Option<JournalFigures> {
-            None
-        }
-        fn close(&self) {}
     }
 }

@@ -9,30 +9,25 @@
 pub fn require(test: &str, program: &str, package: &str) -> bool {
     let found = std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()));
-    if found {
-        return true;
-    }
-    if std::env::var_os("TETHER_REQUIRE_OUTSIDE").is_some_and(|v| v == "1") {
-        panic!("{test} needs `{program}` ({package}), which is not installed");
-    }
-    eprintln!(
-        "SKIPPED {test}: needs `{program}` ({package}); `bash .ci/run` installs it, or install it yourself"
-    );
-    false
+    found || missing(test, &format!("`{program}` ({package})"))
 }
 
 /// Are the npm packages of `tests/browser` installed (mqtt.js, playwright-core)?
 pub fn require_browser_packages(test: &str) -> bool {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/node_modules");
     let found = dir.join("mqtt").is_dir() && dir.join("playwright-core").is_dir();
-    if found {
-        return true;
-    }
+    found
+        || missing(
+            test,
+            "the npm packages of tests/browser (`npm ci --prefix tests/browser`)",
+        )
+}
+
+/// `what` is not installed: fail under `.ci/run`, say why `test` is skipped elsewhere.
+fn missing(test: &str, what: &str) -> bool {
     if std::env::var_os("TETHER_REQUIRE_OUTSIDE").is_some_and(|v| v == "1") {
-        panic!("{test} needs the npm packages of tests/browser, which are not installed");
+        panic!("{test} needs {what}, which is not installed");
     }
-    eprintln!(
-        "SKIPPED {test}: needs `npm ci --prefix tests/browser` (mqtt.js, playwright-core); `bash .ci/run` runs it"
-    );
+    eprintln!("SKIPPED {test}: needs {what}; `bash .ci/run` installs it");
     false
 }
