@@ -159,7 +159,7 @@ pub fn restore(broker: &Arc<Broker>, state: State, last_write: u64) -> Restored 
                 log.meta(m);
             }
         }
-        session.pending_will = will;
+        session.pending_will = will.into();
         match broker.registry.park_orphan(session, now) {
             Parked::Offline => out.sessions += 1,
             Parked::Ended(s) | Parked::Stale(s) | Parked::HandOver(s) => broker.end_session(s),
