@@ -81,7 +81,9 @@ impl Rig {
         let mut s = self
             .broker
             .new_session(id.into(), ProtocolVersion::V5, expiry);
-        s.pending_will = will_delay.map(|d| v5_will(&format!("will/{id}"), b"gone", d));
+        s.pending_will = will_delay
+            .map(|d| v5_will(&format!("will/{id}"), b"gone", d))
+            .into();
         assert!(self.broker.registry.insert_offline(s, now), "{id} parked");
     }
 

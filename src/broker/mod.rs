@@ -241,6 +241,9 @@ impl Broker {
     /// A session's lifetime is over: publish a will still waiting for its delay (the session
     /// ending comes first, section 3.1.3.2.2), remove its subscriptions from the router and
     /// close its queue, so nothing it held keeps memory alive.
+    // Sessions live boxed in the registry and come out of it boxed; unboxing here would only
+    // move them once more.
+    #[allow(clippy::boxed_local)]
     pub fn end_session(&self, mut session: Box<Session>) {
         if let Some(will) = session.pending_will.take() {
             self.publish_will(&session.client_id, will, Instant::now());

@@ -124,7 +124,7 @@ impl Broker {
                 // clock. Rebased to now: `left` and the will's remaining delay count from here.
                 session.journal_image(ImageKind::Changed, will.as_ref(), Some(now_wall));
             }
-            session.pending_will = will;
+            session.pending_will = will.into();
             match self.registry.park_orphan(session, now) {
                 Parked::Offline => out.sessions += 1,
                 Parked::Ended(s) | Parked::Stale(s) | Parked::HandOver(s) => self.end_session(s),

@@ -44,7 +44,7 @@ fn park(broker: &Arc<Broker>, id: &str, expiry: u32, will: Option<Will>) {
     };
     broker.subscribe(&mut s, "a/#".into(), sub);
     s.journal_image(ImageKind::Parked, will.as_ref(), Some(1));
-    s.pending_will = will;
+    s.pending_will = will.into();
     assert!(matches!(
         broker.registry.park_orphan(s, Instant::now()),
         Parked::Offline

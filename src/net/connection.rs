@@ -375,7 +375,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     session.protocol = protocol;
     session.expiry_interval = expiry;
     // A reconnect before the will delay passed cancels the delayed will [MQTT-3.1.3-9].
-    session.pending_will = None;
+    session.pending_will.clear();
     session.mailbox.set_online(true);
     // Durable or not is decided here, for this connection's lifetime: a session that outlives
     // its connection is written to the store (with the will, which a crash must publish).
@@ -1021,7 +1021,7 @@ async fn finish(
             } else {
                 // Published when the delay or the session ends, unless a connection resumes
                 // the session first (a takeover counts) [MQTT-3.1.3-9].
-                session.pending_will = Some(will);
+                session.pending_will.set(will);
             }
         }
     }

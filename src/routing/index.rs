@@ -22,17 +22,193 @@ use dashmap::DashMap;
 
 use crate::wire::topic::has_wildcard;
 
-/// Subscribers of one filter, keyed by Client ID.
-type Entries<V> = HashMap<Arc<str>, V>;
+/// Subscribers of one filter, keyed by Client ID. Nearly every filter has one subscriber (a
+/// device's own topics), so that one sits inline and only a second brings a hash map.
+#[derive(Default)]
+enum Entries<V> {
+    #[default]
+    Empty,
+    One(Arc<str>, V),
+    // Boxed on purpose: a bare map would make every filter's entry 48 bytes, however few
+    // subscribers it has.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashMap<Arc<str>, V>>),
+}
 
-/// One level of the wildcard trie. The node's position in the trie is the filter prefix.
-struct Node<V> {
+impl<V> Entries<V> {
+    fn insert(&mut self, key: Arc<str>, value: V) -> Option<V> {
+        match self {
+            Entries::Empty => {
+                *self = Entries::One(key, value);
+                None
+            }
+            Entries::One(k, v) if *k == key => Some(std::mem::replace(v, value)),
+            Entries::One(..) => {
+                let Entries::One(k, v) = std::mem::take(self) else {
+                    unreachable!("matched One above")
+                };
+                let mut map = HashMap::with_capacity(2);
+                map.insert(k, v);
+                map.insert(key, value);
+                *self = Entries::Many(Box::new(map));
+                None
+            }
+            Entries::Many(map) => map.insert(key, value),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&V> {
+        match self {
+            Entries::Empty => None,
+            Entries::One(k, v) => (**k == *key).then_some(v),
+            Entries::Many(map) => map.get(key),
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> Option<V> {
+        match self {
+            Entries::Empty => None,
+            Entries::One(k, _) if **k != *key => None,
+            Entries::One(..) => match std::mem::take(self) {
+                Entries::One(_, v) => Some(v),
+                _ => None,
+            },
+            Entries::Many(map) => {
+                let removed = map.remove(key);
+                if map.is_empty() {
+                    *self = Entries::Empty;
+                }
+                removed
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Entries::Empty)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &V)> {
+        let (one, many) = match self {
+            Entries::Empty => (None, None),
+            Entries::One(k, v) => (Some((k, v)), None),
+            Entries::Many(map) => (None, Some(map.iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
+
+/// The entries of a trie node, boxed apart from the node: most nodes are inner levels of
+/// longer filters and hold none.
+struct NodeEntries<V> {
     /// Entries whose filter ends exactly at this node.
     here: Entries<V>,
     /// Entries whose filter is this node's prefix followed by `/#` (or is `#` at the root).
     hash: Entries<V>,
+}
+
+/// Literal next levels of a node. Few levels have more than a handful of children (the wide
+/// ones are levels like a device id), and a short list compares a few strings faster than it
+/// hashes one, with no table allocated.
+enum Children<V> {
+    Few(Vec<(Box<str>, Node<V>)>),
+    // Boxed on purpose, as `Entries::Many`.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashMap<Box<str>, Node<V>>>),
+}
+
+/// Children beyond this many go into a hash map.
+const FEW_CHILDREN: usize = 8;
+
+impl<V> Children<V> {
+    fn get(&self, level: &str) -> Option<&Node<V>> {
+        match self {
+            Children::Few(v) => v.iter().find(|(k, _)| **k == *level).map(|(_, n)| n),
+            Children::Many(map) => map.get(level),
+        }
+    }
+
+    fn get_mut(&mut self, level: &str) -> Option<&mut Node<V>> {
+        match self {
+            Children::Few(v) => v.iter_mut().find(|(k, _)| **k == *level).map(|(_, n)| n),
+            Children::Many(map) => map.get_mut(level),
+        }
+    }
+
+    fn get_or_insert(&mut self, level: &str) -> &mut Node<V> {
+        if let Children::Few(v) = self {
+            if v.len() >= FEW_CHILDREN && !v.iter().any(|(k, _)| **k == *level) {
+                let map: HashMap<_, _> = std::mem::take(v).into_iter().collect();
+                *self = Children::Many(Box::new(map));
+            }
+        }
+        match self {
+            Children::Few(v) => {
+                let at = match v.iter().position(|(k, _)| **k == *level) {
+                    Some(at) => at,
+                    None => {
+                        v.push((Box::from(level), Node::default()));
+                        v.len() - 1
+                    }
+                };
+                &mut v[at].1
+            }
+            Children::Many(map) => {
+                // `entry` needs an owned key, so look up first to avoid allocating on a hit.
+                if !map.contains_key(level) {
+                    map.insert(Box::from(level), Node::default());
+                }
+                map.get_mut(level)
+                    .unwrap_or_else(|| unreachable!("inserted above"))
+            }
+        }
+    }
+
+    fn remove(&mut self, level: &str) -> Option<Node<V>> {
+        match self {
+            Children::Few(v) => {
+                let at = v.iter().position(|(k, _)| **k == *level)?;
+                Some(v.swap_remove(at).1)
+            }
+            // Not shrunk as it empties: reallocating a wide table again and again while a mass
+            // expiry frees everything around it left 30 MiB of fragments that no trim returned.
+            Children::Many(map) => map.remove(level),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Children::Few(v) => v.len(),
+            Children::Many(map) => map.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Take every child out (for the iterative drop).
+    fn drain_into(&mut self, out: &mut Vec<Node<V>>) {
+        match std::mem::replace(self, Children::Few(Vec::new())) {
+            Children::Few(v) => out.extend(v.into_iter().map(|(_, n)| n)),
+            Children::Many(map) => out.extend(map.into_values()),
+        }
+    }
+
+    #[cfg(test)]
+    fn values(&self) -> Vec<&Node<V>> {
+        match self {
+            Children::Few(v) => v.iter().map(|(_, n)| n).collect(),
+            Children::Many(map) => map.values().collect(),
+        }
+    }
+}
+
+/// One level of the wildcard trie. The node's position in the trie is the filter prefix.
+struct Node<V> {
+    /// Its entries, if any.
+    entries: Option<Box<NodeEntries<V>>>,
     /// Literal next levels (including the empty level).
-    children: HashMap<Box<str>, Node<V>>,
+    children: Children<V>,
     /// The `+` next level.
     plus: Option<Box<Node<V>>>,
 }
@@ -40,9 +216,8 @@ struct Node<V> {
 impl<V> Default for Node<V> {
     fn default() -> Self {
         Node {
-            here: HashMap::new(),
-            hash: HashMap::new(),
-            children: HashMap::new(),
+            entries: None,
+            children: Children::Few(Vec::new()),
             plus: None,
         }
     }
@@ -66,11 +241,32 @@ impl<V> Node<V> {
     }
 
     fn entries_mut(&mut self, hash: bool) -> &mut Entries<V> {
+        let e = self.entries.get_or_insert_with(|| {
+            Box::new(NodeEntries {
+                here: Entries::Empty,
+                hash: Entries::Empty,
+            })
+        });
         if hash {
-            &mut self.hash
+            &mut e.hash
         } else {
-            &mut self.here
+            &mut e.here
         }
+    }
+
+    /// Drop the entries box once both sets are empty.
+    fn tidy(&mut self) {
+        if self
+            .entries
+            .as_ref()
+            .is_some_and(|e| e.here.is_empty() && e.hash.is_empty())
+        {
+            self.entries = None;
+        }
+    }
+
+    fn has_entries(&self) -> bool {
+        self.entries.is_some()
     }
 }
 
@@ -81,10 +277,11 @@ impl<V> Drop for Node<V> {
         if self.children.is_empty() && self.plus.is_none() {
             return;
         }
-        let mut pending: Vec<Node<V>> = self.children.drain().map(|(_, n)| n).collect();
+        let mut pending: Vec<Node<V>> = Vec::new();
+        self.children.drain_into(&mut pending);
         pending.extend(self.plus.take().map(|b| *b));
         while let Some(mut node) = pending.pop() {
-            pending.extend(node.children.drain().map(|(_, n)| n));
+            node.children.drain_into(&mut pending);
             pending.extend(node.plus.take().map(|b| *b));
             // `node` is now childless, so its own drop returns immediately.
         }
@@ -194,9 +391,7 @@ impl<V: Clone + Send + Sync> TopicIndex<V> {
                 node = if level == "+" {
                     node.plus.get_or_insert_with(Box::default)
                 } else {
-                    // Allocating the key even when the child exists is fine: subscribing is
-                    // rare next to publishing, and it keeps the borrow simple.
-                    node.children.entry(Box::from(level)).or_default()
+                    node.children.get_or_insert(level)
                 };
             }
             let previous = node.entries_mut(hash).insert(Arc::clone(key), value);
@@ -274,11 +469,14 @@ impl<V: Clone + Send + Sync> TopicIndex<V> {
         for level in path.clone() {
             node = node.child_mut(level)?;
         }
-        let entries = node.entries_mut(hash);
+        // Not `entries_mut`: a miss must not leave an empty entries box behind.
+        let e = node.entries.as_deref_mut()?;
+        let entries = if hash { &mut e.hash } else { &mut e.here };
         if !entries.get(key).is_some_and(pred) {
             return None;
         }
         let removed = entries.remove(key)?;
+        node.tidy();
 
         // A node can go if it holds no entries and its only child is the next node on the
         // path, which can go as well. `cut` is the depth of the first such node in a run that
@@ -295,8 +493,7 @@ impl<V: Clone + Send + Sync> TopicIndex<V> {
             depth += 1;
             let fan_out = node.children.len() + usize::from(node.plus.is_some());
             let last = levels.peek().is_none();
-            let removable =
-                node.here.is_empty() && node.hash.is_empty() && fan_out == usize::from(!last);
+            let removable = !node.has_entries() && fan_out == usize::from(!last);
             match (removable, cut) {
                 (true, None) => cut = Some(depth),
                 (false, _) => cut = None,
@@ -356,13 +553,14 @@ impl<V: Clone + Send + Sync> TopicIndex<V> {
         while let Some((node, pos)) = stack.pop() {
             // Only the root frame starts at offset 0; every later frame is past a separator.
             let wildcards_allowed = !(dollar && pos == 0);
+            let entries = node.entries.as_deref();
             if wildcards_allowed {
-                for (key, value) in &node.hash {
+                for (key, value) in entries.into_iter().flat_map(|e| e.hash.iter()) {
                     f(key, value);
                 }
             }
             if pos == END {
-                for (key, value) in &node.here {
+                for (key, value) in entries.into_iter().flat_map(|e| e.here.iter()) {
                     f(key, value);
                 }
                 continue;

@@ -7,7 +7,8 @@
 //! registry slot. Only the queue of not-yet-sent messages (`Mailbox`) is shared, because
 //! publishers on other tasks must reach it in both states.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -47,6 +48,279 @@ pub enum InboundQos2 {
     Full,
 }
 
+/// A session's subscriptions: topic filter -> options, mirrored in the router's index.
+///
+/// Most devices hold one or two subscriptions, and a parked session keeps its set for as long
+/// as it lives, so the first one sits inline (no allocation besides its filter) and only a
+/// second one brings a hash map.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subscriptions(SubSet);
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum SubSet {
+    #[default]
+    Empty,
+    One(String, Subscription),
+    // Boxed on purpose: a bare map would make every session's set 48 bytes, used or not.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashMap<String, Subscription>>),
+}
+
+impl Subscriptions {
+    /// Add or replace the subscription to `filter`; returns the options it replaced.
+    pub fn insert(&mut self, filter: String, sub: Subscription) -> Option<Subscription> {
+        match &mut self.0 {
+            SubSet::Empty => {
+                self.0 = SubSet::One(filter, sub);
+                None
+            }
+            SubSet::One(f, s) if *f == filter => Some(std::mem::replace(s, sub)),
+            SubSet::One(..) => {
+                let SubSet::One(f, s) = std::mem::take(&mut self.0) else {
+                    unreachable!("matched One above")
+                };
+                let mut map = HashMap::with_capacity(2);
+                map.insert(f, s);
+                map.insert(filter, sub);
+                self.0 = SubSet::Many(Box::new(map));
+                None
+            }
+            SubSet::Many(map) => map.insert(filter, sub),
+        }
+    }
+
+    /// Remove the subscription to `filter`; returns its options.
+    pub fn remove(&mut self, filter: &str) -> Option<Subscription> {
+        match &mut self.0 {
+            SubSet::Empty => None,
+            SubSet::One(f, _) if f != filter => None,
+            SubSet::One(..) => match std::mem::take(&mut self.0) {
+                SubSet::One(_, s) => Some(s),
+                _ => None,
+            },
+            SubSet::Many(map) => {
+                let removed = map.remove(filter);
+                if map.is_empty() {
+                    self.0 = SubSet::Empty;
+                }
+                removed
+            }
+        }
+    }
+
+    /// The options of the subscription to `filter`, if any.
+    pub fn get(&self, filter: &str) -> Option<&Subscription> {
+        match &self.0 {
+            SubSet::Empty => None,
+            SubSet::One(f, s) => (f == filter).then_some(s),
+            SubSet::Many(map) => map.get(filter),
+        }
+    }
+
+    /// Is there a subscription to `filter`?
+    pub fn contains_key(&self, filter: &str) -> bool {
+        self.get(filter).is_some()
+    }
+
+    /// Number of subscriptions.
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            SubSet::Empty => 0,
+            SubSet::One(..) => 1,
+            SubSet::Many(map) => map.len(),
+        }
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every (filter, options), in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Subscription)> {
+        let (one, many) = match &self.0 {
+            SubSet::Empty => (None, None),
+            SubSet::One(f, s) => (Some((f, s)), None),
+            SubSet::Many(map) => (None, Some(map.iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+
+    /// Every filter, in no particular order.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.iter().map(|(f, _)| f)
+    }
+}
+
+/// A delayed will waiting while the session is offline (v5 Will Delay). Boxed: a will is
+/// about 200 bytes and almost every parked session has none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingWill(Option<Box<Will>>);
+
+impl PendingWill {
+    /// The will, if one is pending.
+    pub fn as_ref(&self) -> Option<&Will> {
+        self.0.as_deref()
+    }
+
+    /// Take the will out, leaving none pending.
+    pub fn take(&mut self) -> Option<Will> {
+        self.0.take().map(|w| *w)
+    }
+
+    /// Make `will` the pending one.
+    pub fn set(&mut self, will: Will) {
+        self.0 = Some(Box::new(will));
+    }
+
+    /// Drop the pending will, if any.
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    /// Is a will pending?
+    pub fn is_some(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Is no will pending?
+    pub fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl From<Option<Will>> for PendingWill {
+    fn from(will: Option<Will>) -> Self {
+        PendingWill(will.map(Box::new))
+    }
+}
+
+/// Hashes a packet id with one multiplication: ids are small integers the session chooses
+/// itself, so SipHash's protection against chosen keys buys nothing and costs a PUBACK's
+/// lookup several times over.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u16(&mut self, id: u16) {
+        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// The QoS flows of a session that is moving messages: the outbound inflight window and the
+/// inbound QoS 2 ids awaiting PUBREL. Allocated when the first flow starts and dropped when a
+/// session parks with none open, so an idle parked session pays one pointer for all of it.
+#[derive(Debug, Default)]
+struct Flows {
+    /// Outbound messages in the order they were first sent. `None` marks one completed out of
+    /// order; such holes are dropped when they reach the front (or by `compact`).
+    order: VecDeque<Option<Inflight>>,
+    /// Position of `order[0]`, counted from the window's creation, so the positions in `ids`
+    /// stay valid as the front is popped.
+    front: u64,
+    /// Packet id -> position of its entry: an acknowledgement finds its message without a
+    /// walk through the window.
+    ids: HashMap<u16, u64, BuildHasherDefault<IdHasher>>,
+    /// Entries not yet (re)sent on this connection.
+    unsent: usize,
+    /// Every entry before this position has been sent (where `next_resend` resumes its walk).
+    resend_from: u64,
+    /// Inbound QoS 2 ids awaiting PUBREL, sorted (a client keeps few unreleased).
+    inbound: Vec<u16>,
+}
+
+impl Flows {
+    fn is_idle(&self) -> bool {
+        self.ids.is_empty() && self.inbound.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn push(&mut self, i: Inflight) {
+        let at = self.front + self.order.len() as u64;
+        self.unsent += usize::from(!i.sent);
+        self.ids.insert(i.packet_id, at);
+        self.order.push_back(Some(i));
+    }
+
+    fn slot(&self, at: u64) -> usize {
+        // Positions in `ids` are never below `front` nor past the end of `order`.
+        usize::try_from(at - self.front).unwrap_or(usize::MAX)
+    }
+
+    fn get_mut(&mut self, packet_id: u16) -> Option<&mut Inflight> {
+        let at = *self.ids.get(&packet_id)?;
+        let slot = self.slot(at);
+        self.order.get_mut(slot)?.as_mut()
+    }
+
+    fn get(&self, packet_id: u16) -> Option<&Inflight> {
+        let at = *self.ids.get(&packet_id)?;
+        self.order.get(self.slot(at))?.as_ref()
+    }
+
+    fn remove(&mut self, packet_id: u16) -> Option<Inflight> {
+        let at = self.ids.remove(&packet_id)?;
+        let slot = self.slot(at);
+        let removed = self.order.get_mut(slot)?.take()?;
+        self.unsent -= usize::from(!removed.sent);
+        while matches!(self.order.front(), Some(None)) {
+            self.order.pop_front();
+            self.front += 1;
+        }
+        // A client that never acknowledges one old message while acknowledging every later
+        // one would otherwise leave an ever longer run of holes behind it.
+        if self.order.len() > 2 * self.ids.len() + 16 {
+            self.compact();
+        }
+        Some(removed)
+    }
+
+    /// Close the holes and renumber the positions.
+    fn compact(&mut self) {
+        self.order.retain(Option::is_some);
+        for (k, i) in self.order.iter().flatten().enumerate() {
+            self.ids.insert(i.packet_id, self.front + k as u64);
+        }
+        self.resend_from = self.front;
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Inflight> {
+        self.order.iter().flatten()
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Inflight> {
+        self.order.iter_mut().flatten()
+    }
+
+    /// The first entry not yet re-sent, marked sent.
+    fn next_unsent(&mut self) -> Option<&mut Inflight> {
+        let start = self.slot(self.resend_from.max(self.front));
+        let (k, i) = self
+            .order
+            .iter_mut()
+            .enumerate()
+            .skip(start)
+            .find_map(|(k, e)| e.as_mut().filter(|i| !i.sent).map(|i| (k, i)))?;
+        self.resend_from = self.front + k as u64 + 1;
+        self.unsent -= 1;
+        i.sent = true;
+        Some(i)
+    }
+}
+
 /// The state of one session.
 #[derive(Debug)]
 pub struct Session {
@@ -57,18 +331,17 @@ pub struct Session {
     /// Messages waiting for a free slot in the inflight window; shared with publishers.
     pub mailbox: Arc<Mailbox>,
     /// Topic filter -> options; mirrored in the router's index.
-    pub subscriptions: HashMap<String, Subscription>,
-    /// Outbound QoS 1/2 messages in flight, in the order they were first sent.
-    inflight: VecDeque<Inflight>,
-    /// Inbound QoS 2 packet ids PUBREC'd and awaiting PUBREL.
-    inbound_qos2: HashSet<u16>,
+    pub subscriptions: Subscriptions,
+    /// Outbound QoS 1/2 messages in flight and inbound QoS 2 ids awaiting PUBREL; `None` while
+    /// there are none (see `Flows`).
+    flows: Option<Box<Flows>>,
     /// Next packet identifier to try.
     next_packet_id: u16,
     /// Seconds the session outlives its connection: 0 ends it with the connection,
     /// `EXPIRY_NEVER` keeps it forever.
     pub expiry_interval: u32,
     /// A will waiting for its delay to pass while the session is offline (v5 Will Delay).
-    pub pending_will: Option<Will>,
+    pub pending_will: PendingWill,
     /// Where its durable state goes: attached while the session outlives its connection and
     /// the broker journals; detached (does nothing) otherwise.
     pub journal: SessionJournal,
@@ -86,12 +359,11 @@ impl Session {
             client_id,
             protocol,
             mailbox,
-            subscriptions: HashMap::new(),
-            inflight: VecDeque::new(),
-            inbound_qos2: HashSet::new(),
+            subscriptions: Subscriptions::default(),
+            flows: None,
             next_packet_id: 1,
             expiry_interval,
-            pending_will: None,
+            pending_will: PendingWill::default(),
             journal: SessionJournal::default(),
         }
     }
@@ -140,7 +412,7 @@ impl Session {
     /// Forget the store sequence numbers of everything queued or in flight: the log they
     /// referred to has ended, and a later log numbers its entries from 1 again.
     pub fn clear_seqs(&mut self) {
-        for i in &mut self.inflight {
+        for i in self.flows.iter_mut().flat_map(|f| f.iter_mut()) {
             i.delivery.seq = 0;
         }
         self.mailbox.clear_seqs();
@@ -148,27 +420,49 @@ impl Session {
 
     /// Put back an in-flight message recovered from the store (re-sent on resume).
     pub fn restore_inflight(&mut self, i: Inflight) {
-        self.inflight.push_back(i);
+        self.flows_mut().push(i);
     }
 
     /// Put back an inbound QoS 2 id awaiting PUBREL recovered from the store.
     pub fn restore_inbound(&mut self, packet_id: u16) {
-        self.inbound_qos2.insert(packet_id);
+        let inbound = &mut self.flows_mut().inbound;
+        if let Err(at) = inbound.binary_search(&packet_id) {
+            inbound.insert(at, packet_id);
+        }
+    }
+
+    fn flows_mut(&mut self) -> &mut Flows {
+        self.flows.get_or_insert_with(Box::default)
+    }
+
+    /// The session is being parked: give back what only a moving session needs (an empty
+    /// window, spare capacity), so a parked session holds only what it has.
+    pub fn shrink(&mut self) {
+        match &mut self.flows {
+            Some(f) if f.is_idle() => self.flows = None,
+            Some(f) => {
+                f.compact();
+                f.order.shrink_to_fit();
+                f.ids.shrink_to_fit();
+                f.inbound.shrink_to_fit();
+            }
+            None => {}
+        }
     }
 
     /// Outbound messages in flight.
     pub fn inflight_len(&self) -> usize {
-        self.inflight.len()
+        self.flows.as_ref().map_or(0, |f| f.len())
     }
 
     /// Inbound QoS 2 ids awaiting PUBREL.
     pub fn inbound_qos2_len(&self) -> usize {
-        self.inbound_qos2.len()
+        self.flows.as_ref().map_or(0, |f| f.inbound.len())
     }
 
     /// Iterate over the inflight window (for inspection and persistence).
     pub fn inflight(&self) -> impl Iterator<Item = &Inflight> {
-        self.inflight.iter()
+        self.flows.iter().flat_map(|f| f.iter())
     }
 
     fn allocate_packet_id(&mut self) -> u16 {
@@ -176,7 +470,7 @@ impl Session {
         loop {
             let id = self.next_packet_id;
             self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
-            if !self.inflight.iter().any(|i| i.packet_id == id) {
+            if !self.flows.as_ref().is_some_and(|f| f.ids.contains_key(&id)) {
                 return id;
             }
         }
@@ -197,7 +491,7 @@ impl Session {
                 // QoS 2 ids must be durable before the PUBLISH leaves: re-sent under another
                 // id after a crash, it would be delivered twice (`Event::must_sync`).
                 self.journal.in_flight(d.seq, id, state);
-                self.inflight.push_back(Inflight {
+                self.flows_mut().push(Inflight {
                     packet_id: id,
                     delivery: d.clone(),
                     state,
@@ -209,19 +503,27 @@ impl Session {
         outbound_publish(&d, packet_id, false, self.protocol, now)
     }
 
-    fn position(&self, packet_id: u16, state: OutState) -> Option<usize> {
-        self.inflight
-            .iter()
-            .position(|i| i.packet_id == packet_id && i.state == state)
+    /// Is `packet_id` in flight in `state`?
+    fn awaits(&self, packet_id: u16, state: OutState) -> bool {
+        self.flows
+            .as_ref()
+            .and_then(|f| f.get(packet_id))
+            .is_some_and(|i| i.state == state)
+    }
+
+    /// Take `packet_id` out of the window if it is in `state`.
+    fn complete(&mut self, packet_id: u16, state: OutState) -> Option<Inflight> {
+        if !self.awaits(packet_id, state) {
+            return None;
+        }
+        self.flows.as_mut()?.remove(packet_id)
     }
 
     /// PUBACK received: the QoS 1 flow is complete. False when the id was not awaiting one.
     pub fn on_puback(&mut self, packet_id: u16) -> bool {
-        match self.position(packet_id, OutState::AwaitPubAck) {
-            Some(i) => {
-                if let Some(done) = self.inflight.remove(i) {
-                    self.journal.done(done.delivery.seq);
-                }
+        match self.complete(packet_id, OutState::AwaitPubAck) {
+            Some(done) => {
+                self.journal.done(done.delivery.seq);
                 true
             }
             None => false,
@@ -233,20 +535,21 @@ impl Session {
     /// gets reason 0x92 so it can free its state. A v5 PUBREC with a failure reason ends the
     /// flow with no PUBREL (section 4.3.3).
     pub fn on_pubrec(&mut self, packet_id: u16, reason: ReasonCode) -> Option<Ack> {
-        if let Some(i) = self.position(packet_id, OutState::AwaitPubRec) {
+        if self.awaits(packet_id, OutState::AwaitPubRec) {
             if !reason.is_success() {
-                if let Some(done) = self.inflight.remove(i) {
+                if let Some(done) = self.complete(packet_id, OutState::AwaitPubRec) {
                     self.journal.done(done.delivery.seq);
                 }
                 return None;
             }
-            self.inflight[i].state = OutState::AwaitPubComp;
-            let seq = self.inflight[i].delivery.seq;
+            let i = self.flows.as_mut().and_then(|f| f.get_mut(packet_id))?;
+            i.state = OutState::AwaitPubComp;
+            let seq = i.delivery.seq;
             // After PUBREL the PUBLISH must never be re-sent: durable before it leaves.
             self.journal.pub_recd(seq, packet_id);
             return Some(Ack::new(packet_id));
         }
-        if self.position(packet_id, OutState::AwaitPubComp).is_some() {
+        if self.awaits(packet_id, OutState::AwaitPubComp) {
             return Some(Ack::new(packet_id));
         }
         Some(Ack {
@@ -258,20 +561,16 @@ impl Session {
     /// Drop an inflight entry whose PUBLISH could not be sent at all (larger than the
     /// client's Maximum Packet Size), so it does not wait for an acknowledgement forever.
     pub fn forget(&mut self, packet_id: u16) {
-        if let Some(pos) = self.inflight.iter().position(|i| i.packet_id == packet_id) {
-            if let Some(done) = self.inflight.remove(pos) {
-                self.journal.done(done.delivery.seq);
-            }
+        if let Some(done) = self.flows.as_mut().and_then(|f| f.remove(packet_id)) {
+            self.journal.done(done.delivery.seq);
         }
     }
 
     /// PUBCOMP received: the QoS 2 flow is complete. False when the id was not awaiting one.
     pub fn on_pubcomp(&mut self, packet_id: u16) -> bool {
-        match self.position(packet_id, OutState::AwaitPubComp) {
-            Some(i) => {
-                if let Some(done) = self.inflight.remove(i) {
-                    self.journal.done(done.delivery.seq);
-                }
+        match self.complete(packet_id, OutState::AwaitPubComp) {
+            Some(done) => {
+                self.journal.done(done.delivery.seq);
                 true
             }
             None => false,
@@ -281,14 +580,18 @@ impl Session {
     /// A connection resumed this session: everything in flight must be sent again
     /// [MQTT-4.4.0-1]; `next_resend` hands the packets out as the window allows.
     pub fn begin_resume(&mut self) {
-        for i in &mut self.inflight {
-            i.sent = false;
+        if let Some(f) = &mut self.flows {
+            for i in f.order.iter_mut().flatten() {
+                i.sent = false;
+            }
+            f.unsent = f.len();
+            f.resend_from = f.front;
         }
     }
 
     /// Messages waiting to be re-sent on this connection.
     pub fn resend_pending(&self) -> usize {
-        self.inflight.iter().filter(|i| !i.sent).count()
+        self.flows.as_ref().map_or(0, |f| f.unsent)
     }
 
     /// The next packet to re-send after a resume, in original order, while fewer than
@@ -301,12 +604,11 @@ impl Session {
         protocol: ProtocolVersion,
         now: Instant,
     ) -> Option<Packet> {
-        let out = self.inflight.iter().filter(|i| i.sent).count();
-        if out >= window {
+        let f = self.flows.as_mut()?;
+        if f.len() - f.unsent >= window {
             return None;
         }
-        let i = self.inflight.iter_mut().find(|i| !i.sent)?;
-        i.sent = true;
+        let i = f.next_unsent()?;
         Some(match i.state {
             OutState::AwaitPubAck | OutState::AwaitPubRec => Packet::Publish(outbound_publish(
                 &i.delivery,
@@ -321,12 +623,15 @@ impl Session {
 
     /// An inbound QoS 2 PUBLISH with `packet_id` arrived.
     pub fn begin_inbound_qos2(&mut self, packet_id: u16, max: usize) -> InboundQos2 {
-        if self.inbound_qos2.contains(&packet_id) {
-            InboundQos2::Duplicate
-        } else if self.inbound_qos2.len() >= max {
+        let inbound = &mut self.flows_mut().inbound;
+        let at = match inbound.binary_search(&packet_id) {
+            Ok(_) => return InboundQos2::Duplicate,
+            Err(at) => at,
+        };
+        if inbound.len() >= max {
             InboundQos2::Full
         } else {
-            self.inbound_qos2.insert(packet_id);
+            inbound.insert(at, packet_id);
             self.journal.inbound(packet_id, true);
             InboundQos2::New
         }
@@ -335,7 +640,16 @@ impl Session {
     /// PUBREL received: the id may be reused by the client. False when it was not pending
     /// (a PUBCOMP is due either way; v5 adds reason 0x92).
     pub fn release_inbound_qos2(&mut self, packet_id: u16) -> bool {
-        let released = self.inbound_qos2.remove(&packet_id);
+        let released = match &mut self.flows {
+            Some(f) => match f.inbound.binary_search(&packet_id) {
+                Ok(at) => {
+                    f.inbound.remove(at);
+                    true
+                }
+                Err(_) => false,
+            },
+            None => false,
+        };
         if released {
             self.journal.inbound(packet_id, false);
         }
@@ -383,6 +697,7 @@ mod tests {
     use crate::config::OverflowPolicy;
     use crate::session::mailbox::QueueLimits;
     use crate::testutil::delivery;
+    use crate::wire::packet::RetainHandling;
 
     fn session() -> Session {
         let mb = Arc::new(Mailbox::new(QueueLimits {
@@ -522,6 +837,79 @@ mod tests {
         s.next_packet_id = u16::MAX;
         let c = s.start_delivery(delivery(QoS::AtLeastOnce, b"c"), now);
         assert_eq!(c.packet_id, 2, "ids in flight are skipped");
+    }
+
+    /// Acknowledgements in any order find their message by id; the holes they leave never
+    /// let the window grow, and a resume re-sends the rest in the original order.
+    #[test]
+    fn out_of_order_acks_and_resend_keep_the_order() {
+        let now = Instant::now();
+        let mut s = session();
+        let first = s
+            .start_delivery(delivery(QoS::AtLeastOnce, b"first"), now)
+            .packet_id;
+        // The first message is never acknowledged while thousands after it are.
+        let mut kept = Vec::new();
+        for n in 0..5000u32 {
+            let id = s
+                .start_delivery(delivery(QoS::AtLeastOnce, b"x"), now)
+                .packet_id;
+            if n % 1000 == 999 {
+                kept.push(id);
+            } else {
+                assert!(s.on_puback(id));
+            }
+        }
+        assert_eq!(s.inflight_len(), 1 + kept.len());
+        let f = s.flows.as_ref().unwrap();
+        assert!(f.order.len() <= 2 * f.ids.len() + 16, "holes are closed");
+        s.begin_resume();
+        assert_eq!(s.resend_pending(), 1 + kept.len());
+        let mut again = Vec::new();
+        while let Some(Packet::Publish(p)) = s.next_resend(100, ProtocolVersion::V311, now) {
+            assert!(p.dup);
+            again.push(p.packet_id);
+        }
+        let mut expected = vec![first];
+        expected.extend(&kept);
+        assert_eq!(again, expected);
+        assert_eq!(s.resend_pending(), 0);
+        assert!(!s.on_pubcomp(first), "a QoS 1 id does not take PUBCOMP");
+        for id in expected {
+            assert!(s.on_puback(id));
+        }
+        assert_eq!(s.inflight_len(), 0);
+        s.shrink();
+        assert!(s.flows.is_none(), "an idle parked session keeps no window");
+    }
+
+    #[test]
+    fn subscriptions_go_from_one_inline_to_many_and_back() {
+        let sub = |qos| Subscription {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: RetainHandling::OnSubscribe,
+            identifier: None,
+        };
+        let mut subs = Subscriptions::default();
+        assert!(subs.is_empty());
+        assert_eq!(subs.insert("a".into(), sub(QoS::AtMostOnce)), None);
+        assert_eq!(
+            subs.insert("a".into(), sub(QoS::AtLeastOnce)),
+            Some(sub(QoS::AtMostOnce))
+        );
+        assert_eq!(subs.insert("b".into(), sub(QoS::ExactlyOnce)), None);
+        assert_eq!(subs.len(), 2);
+        assert_eq!(subs.get("a"), Some(&sub(QoS::AtLeastOnce)));
+        let mut keys: Vec<&String> = subs.keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["a", "b"]);
+        assert_eq!(subs.remove("c"), None);
+        assert_eq!(subs.remove("a"), Some(sub(QoS::AtLeastOnce)));
+        assert_eq!(subs.remove("b"), Some(sub(QoS::ExactlyOnce)));
+        assert!(subs.is_empty());
+        assert!(!subs.contains_key("b"));
     }
 
     #[test]

@@ -244,13 +244,14 @@ impl Registry {
     fn offline_slot(
         &self,
         generation: u64,
-        session: Box<Session>,
+        mut session: Box<Session>,
         now: Instant,
     ) -> Result<Slot, Box<Session>> {
         if session.expiry_interval == 0 {
             return Err(session);
         }
         session.mailbox.set_online(false);
+        session.shrink();
         let deadline = (session.expiry_interval != EXPIRY_NEVER)
             .then(|| now + Duration::from_secs(u64::from(session.expiry_interval)));
         // A will delay that outlasts the session needs no timer of its own: the will goes out
