@@ -502,6 +502,7 @@ impl Conn {
                 expires_at,
                 publisher: Some(self.client_id.clone()),
                 stored: Default::default(),
+                encoded: Default::default(),
             },
             Some(&mut self.blocked),
         );

@@ -163,6 +163,7 @@ mod tests {
             expires_at: None,
             publisher: None,
             stored: Default::default(),
+            encoded: Default::default(),
         })
     }
 
