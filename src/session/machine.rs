@@ -195,9 +195,17 @@ impl Session {
         }
     }
 
-    /// Start delivering `d`: a QoS 0 message is simply encoded; a QoS 1/2 message gets a packet
-    /// id and enters the inflight window. The caller has checked the window has room.
+    /// Start delivering `d`, and build its PUBLISH (see `begin_delivery`).
     pub fn start_delivery(&mut self, d: Delivery, now: Instant) -> Publish {
+        let (packet_id, d) = self.begin_delivery(d);
+        outbound_publish(&d, packet_id, false, self.protocol, now)
+    }
+
+    /// Start delivering `d`: a QoS 0 message needs nothing more; a QoS 1/2 message gets a
+    /// packet id and enters the inflight window. The caller has checked the window has room,
+    /// and encodes the PUBLISH, with the packet id returned (0 for QoS 0), from the delivery
+    /// handed back.
+    pub fn begin_delivery(&mut self, d: Delivery) -> (u16, Delivery) {
         let packet_id = match d.qos {
             QoS::AtMostOnce => 0,
             qos => {
@@ -221,7 +229,7 @@ impl Session {
                 id
             }
         };
-        outbound_publish(&d, packet_id, false, self.protocol, now)
+        (packet_id, d)
     }
 
     fn position(&self, packet_id: u16, state: OutState) -> Option<usize> {
