@@ -937,6 +937,31 @@ mod tests {
     }
 
     #[test]
+    fn remaining_expiry_never_exceeds_what_the_publisher_gave() {
+        let published = Instant::now();
+        let msg = Arc::new(Message {
+            expires_at: Some(published + Duration::from_secs(60)),
+            ..(*message(
+                PublishProperties {
+                    message_expiry_interval: Some(60),
+                    ..PublishProperties::default()
+                },
+                4,
+                published,
+            ))
+            .clone()
+        });
+        let d = delivery(&msg, QoS::AtLeastOnce, false, vec![]);
+        // A subscriber's clock read on another thread just before the message was published.
+        let earlier = published - Duration::from_millis(1);
+        let p = outbound_publish(&d, 1, false, ProtocolVersion::V5, earlier);
+        assert_eq!(p.properties.message_expiry_interval, Some(60));
+        let later = published + Duration::from_millis(10_500);
+        let p = outbound_publish(&d, 1, false, ProtocolVersion::V5, later);
+        assert_eq!(p.properties.message_expiry_interval, Some(50));
+    }
+
+    #[test]
     fn a_header_refuses_a_qos_it_has_no_packet_id_slot_for() {
         let msg = message(PublishProperties::default(), 5, Instant::now());
         let q1 = delivery(&msg, QoS::AtLeastOnce, false, vec![]);

@@ -383,10 +383,16 @@ pub fn outbound_publish(
         let mut p = d.msg.properties.clone();
         if let Some(at) = d.msg.expires_at {
             // The remaining lifetime, rounded up so a message is never shown as already
-            // expired while it is still deliverable [MQTT-3.3.2-6].
+            // expired while it is still deliverable [MQTT-3.3.2-6]. Never more than the
+            // publisher gave: a subscriber's `now` may be read on another thread just before
+            // the message was published, and rounding up would then add a second.
             let left = at.saturating_duration_since(now);
             let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-            p.message_expiry_interval = Some(u32::try_from(secs).unwrap_or(u32::MAX));
+            let secs = u32::try_from(secs).unwrap_or(u32::MAX);
+            p.message_expiry_interval = Some(
+                p.message_expiry_interval
+                    .map_or(secs, |given| secs.min(given)),
+            );
         }
         p.subscription_identifiers = d.subscription_ids.clone();
         p
