@@ -129,6 +129,7 @@ fn bench_route(h: &mut Harness, subscribers: usize) {
         expires_at: None,
         publisher: None,
         stored: Default::default(),
+        encoded: Default::default(),
     });
     // Route a batch (timed), then empty the queues (untimed) so they do not grow unbounded.
     h.bench_custom(

@@ -35,6 +35,7 @@ pub fn delivery(qos: QoS, payload: &'static [u8]) -> Delivery {
             expires_at: None,
             publisher: None,
             stored: Default::default(),
+            encoded: Default::default(),
         }),
         qos,
         retain: false,

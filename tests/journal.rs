@@ -235,5 +235,6 @@ fn tether_message(topic: &str, payload: &'static [u8]) -> tether::wire::message:
         expires_at: None,
         publisher: None,
         stored: Default::default(),
+        encoded: Default::default(),
     }
 }

@@ -210,6 +210,7 @@ impl Broker {
             expires_at,
             publisher: Some(client_id.clone()),
             stored: Default::default(),
+            encoded: Default::default(),
         });
     }
 

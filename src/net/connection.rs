@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -24,7 +24,7 @@ use crate::session::registry::{Claim, Control, Parked};
 use crate::session::{Session, EXPIRY_NEVER};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use crate::transport::{Endpoint, HandshakeError, Io, Stream};
+use crate::transport::{Endpoint, HandshakeError, Io, OutBuf, Stream};
 use crate::wire::codec::{self, DecodeError};
 use crate::wire::packet::{
     Ack, ConnAck, ConnAckProperties, Connect, Disconnect, Packet, ProtocolVersion, QoS, ReasonCode,
@@ -725,6 +725,18 @@ async fn refuse(
     linger_close(stream, shutdown, REFUSE_LINGER).await;
 }
 
+/// Write everything in `out` (and flush it out of a TLS or WebSocket buffer).
+async fn write_all(stream: &mut Stream, out: &mut OutBuf) -> std::io::Result<()> {
+    while !out.is_empty() {
+        let n = stream.write(out.first_chunk()).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        out.advance(n);
+    }
+    stream.flush().await
+}
+
 /// End the output (FIN; TLS close_notify; a WebSocket Close frame), then read and discard
 /// input until the client closes too, for at most `LINGER`, so what was written reaches the
 /// client rather than being cut off by a reset. Broker shutdown ends the wait at once: the
@@ -886,7 +898,8 @@ async fn main_loop(
             },
             r = std::future::poll_fn(|cx| stream.poll_io(
                 cx,
-                &conn.out[..writable],
+                &conn.out,
+                writable,
                 unflushed,
                 read.then_some((&mut *inbuf, READ_CHUNK.min(max_packet))),
             )), if writable > 0 || unflushed || read => match r {
@@ -1093,10 +1106,10 @@ async fn finish(
     let writable = held.writable(conn.out.len());
     conn.out.truncate(writable);
     if held.connack_unsent() <= writable {
-        conn.out.unsplit(last);
+        conn.out.append(last);
     }
     if !conn.out.is_empty() {
-        let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&conn.out)).await;
+        let _ = timeout(CLOSE_FLUSH_TIMEOUT, write_all(&mut stream, &mut conn.out)).await;
     }
     // The session is parked or handed over already: lingering delays nobody but this task,
     // which still holds its slot of the listener's connection limit.

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::debug;
@@ -16,8 +15,9 @@ use crate::auth::acl::ClientAcl;
 use crate::auth::gate::epoch_tag;
 use crate::broker::Broker;
 use crate::session::mailbox::{Mailbox, MailboxAcl, Pushed};
-use crate::session::{InboundQos2, Session, Subscription};
+use crate::session::{outbound_publish, InboundQos2, Session, Subscription};
 use crate::stats::Stats;
+use crate::transport::OutBuf;
 use crate::wire::codec::{self, DecodeError, EncodeError};
 use crate::wire::message::{Delivery, Message};
 use crate::wire::packet::{
@@ -129,7 +129,7 @@ pub struct Conn {
     /// The client's Maximum Packet Size, if it announced one.
     pub peer_max_packet: Option<usize>,
     /// Encoded packets waiting to be written; flushed once per wake-up.
-    pub out: BytesMut,
+    pub out: OutBuf,
     /// Session Expiry Interval set at CONNECT: a DISCONNECT may not raise it from 0.
     pub connect_expiry: u32,
     /// The client asked for reason strings (v5 Request Problem Information, default 1).
@@ -174,7 +174,7 @@ impl Conn {
                 .maximum_packet_size
                 .and_then(|m| usize::try_from(m).ok()),
             // Grows to what the connection needs; idle connections keep it small.
-            out: BytesMut::new(),
+            out: OutBuf::new(),
             connect_expiry: 0,
             problem_info: c.properties.request_problem_information != Some(0),
             blocked: Vec::new(),
@@ -213,7 +213,7 @@ impl Conn {
     /// Encode a packet into the write buffer. A packet the client's Maximum Packet Size does
     /// not admit is dropped and counted; an unencodable one is dropped and logged.
     pub fn send(&mut self, p: &Packet) -> bool {
-        match codec::encode(p, self.protocol, self.peer_max_packet, &mut self.out) {
+        match codec::encode(p, self.protocol, self.peer_max_packet, self.out.buf_mut()) {
             Ok(_) => true,
             Err(EncodeError::TooLarge { size, max }) => {
                 debug!(
@@ -300,20 +300,59 @@ impl Conn {
                 discarded(s, &d);
                 continue;
             }
-            let mut publish = s.start_delivery(d, now);
-            let (packet_id, qos) = (publish.packet_id, publish.qos);
-            let new_alias = self.aliases_out.apply(&mut publish);
-            if self.send(&Packet::Publish(publish)) {
-                Stats::incr(&self.broker.stats.publish_sent[qos as usize]);
-                // Only a mapping the client has actually received may be relied on later.
-                if let Some(new) = new_alias {
-                    self.aliases_out.record(new);
+            let (packet_id, d) = s.begin_delivery(d);
+            let qos = d.qos;
+            let sent = match self.send_shared(&d, packet_id) {
+                Some(sent) => sent,
+                None => {
+                    let mut publish = outbound_publish(&d, packet_id, false, self.protocol, now);
+                    let new_alias = self.aliases_out.apply(&mut publish);
+                    let sent = self.send(&Packet::Publish(publish));
+                    // Only a mapping the client has actually received may be relied on later.
+                    if let (true, Some(new)) = (sent, new_alias) {
+                        self.aliases_out.record(new);
+                    }
+                    sent
                 }
+            };
+            if sent {
+                Stats::incr(&self.broker.stats.publish_sent[qos as usize]);
             } else if packet_id != 0 {
                 // Never sent, so it must not wait for an acknowledgement.
                 s.forget(packet_id);
             }
         }
+    }
+
+    /// Write `d` (first sent, with `packet_id`) from the message's shared PUBLISH header and
+    /// its payload buffer, so that a message going to many clients is encoded once and its
+    /// payload copied by nobody (`OutBuf::put_payload`). `None` when this delivery's bytes
+    /// differ from the shared ones beyond the flags and packet id (see
+    /// `Delivery::shared_header`; a connection using topic aliases changes the topic too): the
+    /// caller encodes it by itself. Otherwise whether it was written, as for `send`.
+    fn send_shared(&mut self, d: &Delivery, packet_id: u16) -> Option<bool> {
+        if self.aliases_out.max > 0 {
+            return None;
+        }
+        let header = d.shared_header(self.protocol)?;
+        let size = header.packet_size();
+        if let Some(max) = self.peer_max_packet.filter(|max| size > *max) {
+            debug!(
+                size,
+                max,
+                packet = "PUBLISH",
+                "not sent: larger than the client's maximum"
+            );
+            Stats::incr(&self.broker.stats.dropped_too_large);
+            return Some(false);
+        }
+        if let Err(e) = header.write(self.out.buf_mut(), false, d.qos, d.retain, packet_id) {
+            debug!(packet = "PUBLISH", "not sent: cannot encode: {e:?}");
+            Stats::incr(&self.broker.stats.dropped_too_large);
+            return Some(false);
+        }
+        self.out.put_payload(&d.msg.payload);
+        Some(true)
     }
 
     /// Resolve an inbound topic alias into the topic name (v5 section 3.3.2.3.4).
@@ -502,6 +541,7 @@ impl Conn {
                 expires_at,
                 publisher: Some(self.client_id.clone()),
                 stored: Default::default(),
+                encoded: Default::default(),
             },
             Some(&mut self.blocked),
         );
@@ -725,4 +765,337 @@ impl OutboundAliases {
 /// copy is done too, so a restart does not queue it again.
 fn discarded(s: &Session, d: &Delivery) {
     s.journal.done(d.seq);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::IoSlice;
+
+    use bytes::{Bytes, BytesMut};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::wire::packet::{ConnectProperties, PublishProperties};
+
+    const VERSIONS: [ProtocolVersion; 3] = [
+        ProtocolVersion::V31,
+        ProtocolVersion::V311,
+        ProtocolVersion::V5,
+    ];
+    const QOS: [QoS; 3] = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
+
+    fn properties() -> PublishProperties {
+        PublishProperties {
+            payload_format_indicator: Some(1),
+            response_topic: Some("reply/here".into()),
+            correlation_data: Some(Bytes::from_static(b"\x00corr")),
+            user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+            content_type: Some("text/plain".into()),
+            ..PublishProperties::default()
+        }
+    }
+
+    fn message(properties: PublishProperties, payload_len: usize, now: Instant) -> Arc<Message> {
+        let expires_at = properties
+            .message_expiry_interval
+            .map(|s| now + Duration::from_millis(u64::from(s) * 1000 - 300));
+        Arc::new(Message {
+            topic: "fan/out/topic".into(),
+            payload: Bytes::from((0..payload_len).map(|i| i as u8).collect::<Vec<u8>>()),
+            qos: QoS::ExactlyOnce,
+            retain: true,
+            properties,
+            expires_at,
+            publisher: None,
+            stored: Default::default(),
+            encoded: Default::default(),
+        })
+    }
+
+    fn delivery(msg: &Arc<Message>, qos: QoS, retain: bool, ids: Vec<u32>) -> Delivery {
+        Delivery {
+            msg: msg.clone(),
+            qos,
+            retain,
+            subscription_ids: ids,
+            seq: 0,
+            acl_epoch: 0,
+        }
+    }
+
+    fn encoded(p: &Publish, version: ProtocolVersion) -> BytesMut {
+        let mut out = BytesMut::new();
+        codec::encode(&Packet::Publish(p.clone()), version, None, &mut out).expect("encodes");
+        out
+    }
+
+    fn flat(out: &OutBuf) -> BytesMut {
+        let mut slices = [IoSlice::new(&[]); 64];
+        let n = out.io_slices(usize::MAX, &mut slices);
+        let mut b = BytesMut::new();
+        for s in &slices[..n] {
+            b.extend_from_slice(s);
+        }
+        b
+    }
+
+    /// Every PUBLISH in `bytes`, decoded as a client speaking `version` would.
+    fn decode_all(mut bytes: BytesMut, version: ProtocolVersion) -> Vec<Publish> {
+        let mut all = Vec::new();
+        while let Some(p) = codec::decode(&mut bytes, Some(version), usize::MAX).expect("valid") {
+            match p {
+                Packet::Publish(p) => all.push(p),
+                other => panic!("not a PUBLISH: {other:?}"),
+            }
+        }
+        assert!(bytes.is_empty());
+        all
+    }
+
+    #[test]
+    fn shared_header_with_its_flags_and_packet_id_equals_the_own_encoding() {
+        let now = Instant::now();
+        let mut checked = 0;
+        for props in [PublishProperties::default(), properties()] {
+            for payload_len in [0, 20, SHARE_FROM_TEST, 70_000] {
+                // One message for every variant: its cache is shared by all of them, as it
+                // is by every subscriber of a fan-out.
+                let msg = message(props.clone(), payload_len, now);
+                for version in VERSIONS {
+                    for qos in QOS {
+                        for (dup, retain, packet_id) in [
+                            (false, false, 1),
+                            (true, true, 0xABCD),
+                            (true, false, 65535),
+                        ] {
+                            let d = delivery(&msg, qos, retain, vec![]);
+                            let id = if qos == QoS::AtMostOnce { 0 } else { packet_id };
+                            let header = d.shared_header(version).expect("shareable");
+                            let mut out = OutBuf::new();
+                            header
+                                .write(out.buf_mut(), dup, qos, retain, id)
+                                .expect("writes");
+                            out.put_payload(&msg.payload);
+                            let own = outbound_publish(&d, id, dup, version, now);
+                            let shared = flat(&out);
+                            assert_eq!(shared, encoded(&own, version), "{version:?} {qos:?}");
+                            assert_eq!(header.packet_size(), shared.len());
+                            let decoded = decode_all(shared, version);
+                            assert_eq!(decoded.len(), 1);
+                            assert_eq!(decoded[0].dup, dup && qos != QoS::AtMostOnce);
+                            assert_eq!(decoded[0].retain, retain);
+                            assert_eq!(decoded[0].packet_id, id);
+                            assert_eq!(decoded[0].payload, msg.payload);
+                            if version.is_v5() {
+                                assert_eq!(decoded[0].properties, props);
+                            }
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 2 * 4 * 3 * 3 * 3);
+    }
+
+    /// Long enough to be sent from the message's own buffer.
+    const SHARE_FROM_TEST: usize = crate::transport::out::SHARE_PAYLOAD_FROM;
+
+    #[test]
+    fn v5_deliveries_with_their_own_properties_are_encoded_by_themselves() {
+        let now = Instant::now();
+        let expiring = PublishProperties {
+            message_expiry_interval: Some(60),
+            ..properties()
+        };
+        let msg = message(expiring, 10, now);
+        let plain = message(properties(), 10, now);
+        for qos in QOS {
+            // The remaining expiry time and Subscription Identifiers are per delivery in v5.
+            assert!(delivery(&msg, qos, false, vec![])
+                .shared_header(ProtocolVersion::V5)
+                .is_none());
+            assert!(delivery(&plain, qos, false, vec![7])
+                .shared_header(ProtocolVersion::V5)
+                .is_none());
+            // 3.1.1 sends neither, so its deliveries share one header all the same.
+            for (m, ids) in [(&msg, vec![]), (&plain, vec![7, 9])] {
+                let d = delivery(m, qos, true, ids);
+                let header = d.shared_header(ProtocolVersion::V311).expect("shareable");
+                let id = if qos == QoS::AtMostOnce { 0 } else { 3 };
+                let mut out = OutBuf::new();
+                header
+                    .write(out.buf_mut(), false, qos, true, id)
+                    .expect("writes");
+                out.put_payload(&m.payload);
+                let own = outbound_publish(&d, id, false, ProtocolVersion::V311, now);
+                assert_eq!(flat(&out), encoded(&own, ProtocolVersion::V311));
+            }
+        }
+    }
+
+    #[test]
+    fn remaining_expiry_never_exceeds_what_the_publisher_gave() {
+        let published = Instant::now();
+        let msg = Arc::new(Message {
+            expires_at: Some(published + Duration::from_secs(60)),
+            ..(*message(
+                PublishProperties {
+                    message_expiry_interval: Some(60),
+                    ..PublishProperties::default()
+                },
+                4,
+                published,
+            ))
+            .clone()
+        });
+        let d = delivery(&msg, QoS::AtLeastOnce, false, vec![]);
+        // A subscriber's clock read on another thread just before the message was published.
+        let earlier = published - Duration::from_millis(1);
+        let p = outbound_publish(&d, 1, false, ProtocolVersion::V5, earlier);
+        assert_eq!(p.properties.message_expiry_interval, Some(60));
+        let later = published + Duration::from_millis(10_500);
+        let p = outbound_publish(&d, 1, false, ProtocolVersion::V5, later);
+        assert_eq!(p.properties.message_expiry_interval, Some(50));
+    }
+
+    #[test]
+    fn a_header_refuses_a_qos_it_has_no_packet_id_slot_for() {
+        let msg = message(PublishProperties::default(), 5, Instant::now());
+        let q1 = delivery(&msg, QoS::AtLeastOnce, false, vec![]);
+        let header = q1.shared_header(ProtocolVersion::V5).expect("shareable");
+        let mut out = BytesMut::new();
+        assert!(header
+            .write(&mut out, false, QoS::AtMostOnce, false, 0)
+            .is_err());
+        assert!(header
+            .write(&mut out, false, QoS::AtLeastOnce, false, 0)
+            .is_err());
+        assert!(out.is_empty(), "nothing written on error");
+    }
+
+    fn conn(version: ProtocolVersion, props: ConnectProperties) -> (Conn, Session) {
+        let broker = Broker::new(Arc::new(Config::default()));
+        let connect = Connect {
+            protocol: version,
+            client_id: "sub".into(),
+            clean_start: true,
+            keep_alive: 0,
+            username: None,
+            password: None,
+            will: None,
+            properties: props,
+        };
+        let session = *broker.new_session("sub".into(), version, 0);
+        session.mailbox.set_online(true);
+        (Conn::new(broker, &connect, "sub".into(), 1), session)
+    }
+
+    fn queue(s: &Session, d: Delivery, stats: &Stats) {
+        assert!(matches!(s.mailbox.push(d, stats), Pushed::Queued));
+    }
+
+    /// What a client receives through `pump`, compared with the PUBLISH each delivery would be
+    /// encoded as by itself (`outbound_publish`), in order; the expiry interval is re-read at
+    /// `now` as pump does.
+    fn pump_matches_own_encoding(version: ProtocolVersion, props: ConnectProperties) {
+        let now = Instant::now();
+        let (mut c, mut s) = conn(version, props);
+        let expiring = message(
+            PublishProperties {
+                message_expiry_interval: Some(30),
+                ..properties()
+            },
+            SHARE_FROM_TEST + 1,
+            now,
+        );
+        let plain = message(properties(), 40, now);
+        let big = message(PublishProperties::default(), 5000, now);
+        let stats = Stats::default();
+        let mut want = Vec::new();
+        for round in 0..3u32 {
+            for (m, ids) in [
+                (&plain, vec![]),
+                (&expiring, vec![]),
+                (&big, vec![round + 1]),
+            ] {
+                for qos in QOS {
+                    let d = delivery(m, qos, round == 1, ids.clone());
+                    want.push(d.clone());
+                    queue(&s, d, &stats);
+                }
+            }
+        }
+        c.pump(&mut s, now);
+        let got = decode_all(flat(&c.out), version);
+        assert_eq!(got.len(), want.len());
+        let mut aliases = HashMap::new();
+        for (p, d) in got.iter().zip(&want) {
+            let mut p = p.clone();
+            if let Some(alias) = p.properties.topic_alias.take() {
+                // A client resolves aliases: do the same before comparing.
+                if p.topic.is_empty() {
+                    p.topic = aliases.get(&alias).cloned().expect("known alias");
+                } else {
+                    aliases.insert(alias, p.topic.clone());
+                }
+            }
+            let own = outbound_publish(d, p.packet_id, false, version, now);
+            assert_eq!(p, own);
+        }
+        // The plain message went through its shared headers (QoS 0 and QoS 1/2) unless the
+        // connection uses topic aliases.
+        let shared = if c.aliases_out.max > 0 { 0 } else { 2 };
+        assert_eq!(
+            format!("{:?}", plain.encoded),
+            format!("EncodedHeaders({shared} encoded)")
+        );
+    }
+
+    #[test]
+    fn pump_sends_what_each_delivery_would_be_encoded_as() {
+        for version in VERSIONS {
+            pump_matches_own_encoding(version, ConnectProperties::default());
+        }
+        // With outbound topic aliases, every PUBLISH is this connection's own.
+        pump_matches_own_encoding(
+            ProtocolVersion::V5,
+            ConnectProperties {
+                topic_alias_maximum: Some(2),
+                ..ConnectProperties::default()
+            },
+        );
+    }
+
+    #[test]
+    fn shared_publish_over_the_clients_maximum_is_dropped_and_counted() {
+        let now = Instant::now();
+        let (mut c, mut s) = conn(
+            ProtocolVersion::V5,
+            ConnectProperties {
+                maximum_packet_size: Some(100),
+                ..ConnectProperties::default()
+            },
+        );
+        let stats = Stats::default();
+        let small = message(PublishProperties::default(), 20, now);
+        let large = message(PublishProperties::default(), 200, now);
+        queue(
+            &s,
+            delivery(&large, QoS::AtLeastOnce, false, vec![]),
+            &stats,
+        );
+        queue(
+            &s,
+            delivery(&small, QoS::AtLeastOnce, false, vec![]),
+            &stats,
+        );
+        c.pump(&mut s, now);
+        let got = decode_all(flat(&c.out), ProtocolVersion::V5);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].payload, small.payload);
+        assert_eq!(Stats::get(&c.broker.stats.dropped_too_large), 1);
+        // The dropped one waits for no acknowledgement.
+        assert_eq!(s.inflight_len(), 1);
+    }
 }

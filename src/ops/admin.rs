@@ -598,6 +598,7 @@ pub async fn run_sys(broker: Arc<Broker>, interval: Duration, mut shutdown: Shut
                 expires_at: None,
                 publisher: None,
                 stored: Default::default(),
+                encoded: Default::default(),
             });
         }
     }

@@ -157,6 +157,7 @@ mod tests {
             expires_at: None,
             publisher: None,
             stored: Default::default(),
+            encoded: Default::default(),
         })
     }
 

@@ -476,9 +476,17 @@ impl Session {
         }
     }
 
-    /// Start delivering `d`: a QoS 0 message is simply encoded; a QoS 1/2 message gets a packet
-    /// id and enters the inflight window. The caller has checked the window has room.
+    /// Start delivering `d`, and build its PUBLISH (see `begin_delivery`).
     pub fn start_delivery(&mut self, d: Delivery, now: Instant) -> Publish {
+        let (packet_id, d) = self.begin_delivery(d);
+        outbound_publish(&d, packet_id, false, self.protocol, now)
+    }
+
+    /// Start delivering `d`: a QoS 0 message needs nothing more; a QoS 1/2 message gets a
+    /// packet id and enters the inflight window. The caller has checked the window has room,
+    /// and encodes the PUBLISH, with the packet id returned (0 for QoS 0), from the delivery
+    /// handed back.
+    pub fn begin_delivery(&mut self, d: Delivery) -> (u16, Delivery) {
         let packet_id = match d.qos {
             QoS::AtMostOnce => 0,
             qos => {
@@ -500,7 +508,7 @@ impl Session {
                 id
             }
         };
-        outbound_publish(&d, packet_id, false, self.protocol, now)
+        (packet_id, d)
     }
 
     /// Is `packet_id` in flight in `state`?
@@ -670,10 +678,16 @@ pub fn outbound_publish(
         let mut p = d.msg.properties.clone();
         if let Some(at) = d.msg.expires_at {
             // The remaining lifetime, rounded up so a message is never shown as already
-            // expired while it is still deliverable [MQTT-3.3.2-6].
+            // expired while it is still deliverable [MQTT-3.3.2-6]. Never more than the
+            // publisher gave: a subscriber's `now` may be read on another thread just before
+            // the message was published, and rounding up would then add a second.
             let left = at.saturating_duration_since(now);
             let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-            p.message_expiry_interval = Some(u32::try_from(secs).unwrap_or(u32::MAX));
+            let secs = u32::try_from(secs).unwrap_or(u32::MAX);
+            p.message_expiry_interval = Some(
+                p.message_expiry_interval
+                    .map_or(secs, |given| secs.min(given)),
+            );
         }
         p.subscription_identifiers = d.subscription_ids.clone();
         p

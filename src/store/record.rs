@@ -547,6 +547,7 @@ impl<'a> Rd<'a> {
             expires_at: (expires != 0).then(|| from_wall(expires)),
             publisher,
             stored: Default::default(),
+            encoded: Default::default(),
         })
     }
     fn will(&mut self) -> Result<Will, DecodeError> {

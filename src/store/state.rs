@@ -76,6 +76,7 @@ fn placeholder() -> Arc<Message> {
             expires_at: None,
             publisher: None,
             stored: Default::default(),
+            encoded: Default::default(),
         })
     })
     .clone()

@@ -4,10 +4,11 @@
 //! ([`Endpoint::handshake`]) run inside that task, within its CONNECT deadline, so a client
 //! that stalls a TLS or HTTP handshake costs one task and one connection slot, nothing more.
 
+pub mod out;
 pub mod tls;
 pub mod ws;
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -18,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::{ListenerSpec, TransportKind};
+pub use out::OutBuf;
 
 /// One accepted connection after its transport handshake. Boxed variants keep the common
 /// plain-TCP case small (TLS state is tens of kilobytes).
@@ -109,17 +111,27 @@ impl Stream {
         r
     }
 
-    /// One step of the connection's I/O: write `out` if non-empty, else flush if `flush`;
-    /// and read into `input` if given. Ready with whichever finished first.
+    /// One step of the connection's I/O: write the first `limit` bytes of `out` if there are
+    /// any, else flush if `flush`; and read into `input` if given. Ready with whichever
+    /// finished first.
     pub fn poll_io(
         &mut self,
         cx: &mut Context<'_>,
-        out: &[u8],
+        out: &OutBuf,
+        limit: usize,
         flush: bool,
         input: Option<(&mut BytesMut, usize)>,
     ) -> Poll<io::Result<Io>> {
-        if !out.is_empty() {
-            if let Poll::Ready(r) = Pin::new(&mut *self).poll_write(cx, out) {
+        let limit = limit.min(out.len());
+        if limit > 0 {
+            let mut slices = [IoSlice::new(&[]); out::MAX_SLICES];
+            let n = out.io_slices(limit, &mut slices);
+            let written = if n == 1 {
+                Pin::new(&mut *self).poll_write(cx, &slices[0])
+            } else {
+                Pin::new(&mut *self).poll_write_vectored(cx, &slices[..n])
+            };
+            if let Poll::Ready(r) = written {
                 return Poll::Ready(r.map(Io::Wrote));
             }
         } else if flush {
@@ -153,6 +165,18 @@ impl AsyncWrite for Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         each!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        each!(self, s => s.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

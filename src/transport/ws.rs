@@ -158,6 +158,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
         Poll::Ready(Ok(n))
     }
 
+    /// The slices go out in one binary message (copied, as `poll_write` copies), not one
+    /// message per slice: a header and the payload it is followed by are one frame.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let total = bufs
+            .iter()
+            .map(|b| b.len())
+            .sum::<usize>()
+            .min(MAX_OUT_MESSAGE);
+        if total == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let inner = &mut self.get_mut().inner;
+        ready!(Pin::new(&mut *inner).poll_ready(cx)).map_err(to_io)?;
+        let mut message = Vec::with_capacity(total);
+        for b in bufs {
+            let n = b.len().min(total - message.len());
+            message.extend_from_slice(&b[..n]);
+        }
+        Pin::new(inner)
+            .start_send(Message::Binary(Bytes::from(message)))
+            .map_err(to_io)?;
+        Poll::Ready(Ok(total))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner)
             .poll_flush(cx)

@@ -1,12 +1,13 @@
 //! The routed application message and a per-subscriber delivery of it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::wire::packet::{PublishProperties, QoS};
+use crate::wire::codec::PublishHeader;
+use crate::wire::packet::{ProtocolVersion, PublishProperties, QoS};
 
 /// An application message as it travels from one publisher to every matching session.
 /// Shared (`Arc<Message>`) by all deliveries of it, so fan-out copies a pointer, not the payload.
@@ -30,6 +31,80 @@ pub struct Message {
     /// Where the store wrote this message's record, so that every durable copy of it in the
     /// same log segment refers to one record instead of repeating the payload.
     pub stored: StoredAt,
+    /// Its PUBLISH headers as encoded for the deliveries that share them (see
+    /// `Delivery::shared_header`); filled on first use.
+    pub encoded: EncodedHeaders,
+}
+
+/// A message's PUBLISH header per variant that changes its bytes beyond the flags and packet
+/// id: protocol (3.1/3.1.1 vs 5.0) and whether it has a packet id (QoS 0 vs 1/2). One pointer
+/// until the message is first delivered, so queued and retained messages pay 16 bytes for it.
+/// Like `StoredAt`, no part of a message's value: a clone starts empty (its content may be
+/// changed before it is shared) and equality ignores it.
+#[derive(Default)]
+pub struct EncodedHeaders {
+    /// `None` in a slot: that variant could not be encoded (a field past an encoding limit);
+    /// its deliveries take the per-delivery encoder, which reports why.
+    slots: OnceLock<Box<[OnceLock<Option<PublishHeader>>; 4]>>,
+}
+
+impl EncodedHeaders {
+    fn get(
+        &self,
+        msg: &Message,
+        version: ProtocolVersion,
+        with_id: bool,
+    ) -> Option<&PublishHeader> {
+        let slot = usize::from(version.is_v5()) * 2 + usize::from(with_id);
+        let slots = self.slots.get_or_init(Default::default);
+        slots[slot]
+            .get_or_init(|| {
+                let properties = if version.is_v5() {
+                    &msg.properties
+                } else {
+                    // 3.1.1 has no properties: an empty set keeps the encoder from looking.
+                    &EMPTY_PROPERTIES
+                };
+                PublishHeader::encode(&msg.topic, properties, msg.payload.len(), with_id, version)
+                    .ok()
+            })
+            .as_ref()
+    }
+}
+
+static EMPTY_PROPERTIES: PublishProperties = PublishProperties {
+    payload_format_indicator: None,
+    message_expiry_interval: None,
+    topic_alias: None,
+    response_topic: None,
+    correlation_data: None,
+    user_properties: Vec::new(),
+    subscription_identifiers: Vec::new(),
+    content_type: None,
+};
+
+impl Clone for EncodedHeaders {
+    fn clone(&self) -> EncodedHeaders {
+        EncodedHeaders::default()
+    }
+}
+
+impl PartialEq for EncodedHeaders {
+    fn eq(&self, _: &EncodedHeaders) -> bool {
+        true
+    }
+}
+
+impl Eq for EncodedHeaders {}
+
+impl std::fmt::Debug for EncodedHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self
+            .slots
+            .get()
+            .map_or(0, |s| s.iter().filter(|s| s.get().is_some()).count());
+        write!(f, "EncodedHeaders({n} encoded)")
+    }
 }
 
 /// The store's note of where a message's record is: its id and the log file it is in, as a
@@ -129,5 +204,25 @@ impl Delivery {
     /// Bytes the queue byte limit counts for it (see `Message::size`).
     pub fn size(&self) -> usize {
         self.msg.size()
+    }
+
+    /// The message's PUBLISH header shared by every delivery whose bytes differ only in the
+    /// flags and the packet id, for a client speaking `version`; `None` when this one's
+    /// differ in more (v5: Subscription Identifiers of its own, or a Message Expiry Interval,
+    /// which shows the time left when it is sent), so it must be encoded by itself. A Topic
+    /// Alias belongs to the connection, which checks for it.
+    pub fn shared_header(&self, version: ProtocolVersion) -> Option<&PublishHeader> {
+        let p = &self.msg.properties;
+        if version.is_v5()
+            && (!self.subscription_ids.is_empty()
+                || self.msg.expires_at.is_some()
+                || !p.subscription_identifiers.is_empty()
+                || p.topic_alias.is_some())
+        {
+            return None;
+        }
+        self.msg
+            .encoded
+            .get(&self.msg, version, self.qos != QoS::AtMostOnce)
     }
 }

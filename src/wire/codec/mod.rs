@@ -13,10 +13,13 @@
 mod connect;
 mod packets;
 mod properties;
+mod shared;
 mod wire;
 
 #[cfg(test)]
 mod tests;
+
+pub use shared::PublishHeader;
 
 use crate::wire::packet::{Packet, ProtocolVersion, ReasonCode};
 use bytes::{Buf, BufMut, Bytes, BytesMut};

@@ -4,8 +4,8 @@ use super::properties::{self as props, PropWriter};
 use super::wire::{put_str, Reader};
 use super::{DecodeError, EncodeError};
 use crate::wire::packet::{
-    Ack, Auth, Disconnect, ProtocolVersion, Publish, QoS, ReasonCode, RetainHandling, SubAck,
-    Subscribe, SubscribeFilter, UnsubAck, Unsubscribe,
+    Ack, Auth, Disconnect, ProtocolVersion, Publish, PublishProperties, QoS, ReasonCode,
+    RetainHandling, SubAck, Subscribe, SubscribeFilter, UnsubAck, Unsubscribe,
 };
 use bytes::{BufMut, BytesMut};
 
@@ -64,11 +64,16 @@ pub(crate) fn decode_publish(
     })
 }
 
-/// The first byte of a PUBLISH. DUP is cleared for QoS 0 because the spec forbids it there
-/// [MQTT-3.3.1-2] and a QoS-downgraded redelivery would otherwise carry it.
+/// The first byte of a PUBLISH.
 pub(crate) fn publish_first_byte(p: &Publish) -> u8 {
-    let dup = p.dup && p.qos != QoS::AtMostOnce;
-    0x30 | (u8::from(dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain)
+    first_byte(p.dup, p.qos, p.retain)
+}
+
+/// DUP is cleared for QoS 0 because the spec forbids it there [MQTT-3.3.1-2] and a
+/// QoS-downgraded redelivery would otherwise carry it.
+pub(crate) fn first_byte(dup: bool, qos: QoS, retain: bool) -> u8 {
+    let dup = dup && qos != QoS::AtMostOnce;
+    0x30 | (u8::from(dup) << 3) | ((qos as u8) << 1) | u8::from(retain)
 }
 
 /// Writes the PUBLISH variable header; the caller appends the payload after the length is
@@ -78,14 +83,31 @@ pub(crate) fn encode_publish_header(
     version: ProtocolVersion,
     out: &mut BytesMut,
 ) -> Result<(), EncodeError> {
-    put_str(out, &p.topic)?;
-    if p.qos != QoS::AtMostOnce {
+    let id = if p.qos == QoS::AtMostOnce {
+        None
+    } else {
         check_id(p.packet_id)?;
-        out.put_u16(p.packet_id);
+        Some(p.packet_id)
+    };
+    encode_publish_fields(&p.topic, id, &p.properties, version, out)
+}
+
+/// The variable header from its parts, so that a header shared by many deliveries can be
+/// written without building a `Publish` (and cloning its topic and properties) for it.
+pub(crate) fn encode_publish_fields(
+    topic: &str,
+    packet_id: Option<u16>,
+    properties: &PublishProperties,
+    version: ProtocolVersion,
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    put_str(out, topic)?;
+    if let Some(id) = packet_id {
+        out.put_u16(id);
     }
     if version.is_v5() {
         let mut w = PropWriter::begin(out);
-        w.publish(&p.properties)?;
+        w.publish(properties)?;
         w.finish()?;
     }
     Ok(())
