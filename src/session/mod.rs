@@ -9,5 +9,6 @@ pub mod mailbox;
 pub mod registry;
 
 pub use machine::{
-    outbound_publish, InboundQos2, Inflight, OutState, Session, Subscription, EXPIRY_NEVER,
+    outbound_publish, InboundQos2, Inflight, OutState, PendingWill, Session, Subscription,
+    Subscriptions, EXPIRY_NEVER,
 };
