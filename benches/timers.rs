@@ -33,12 +33,12 @@ fn client_ids(prefix: &str, n: usize) -> Vec<Arc<str>> {
 
 /// A deadline somewhere in the next hour, to the nanosecond, so inserts land all over the set.
 fn timer(base: Instant, rng: &mut Rng, client_id: &Arc<str>, generation: u64) -> Timer {
-    Timer {
-        at: base + Duration::from_nanos(rng.next() % 3_600_000_000_000),
+    Timer::new(
+        base + Duration::from_nanos(rng.next() % 3_600_000_000_000),
         generation,
-        client_id: client_id.clone(),
-        kind: TimerKind::SessionExpiry,
-    }
+        client_id.clone(),
+        TimerKind::SessionExpiry,
+    )
 }
 
 fn bench_arm_cancel(h: &mut Harness, armed: usize) {
@@ -110,12 +110,12 @@ fn bench_take_due(h: &mut Harness, armed: usize, rounds: usize) {
         let timers = Timers::default();
         let base = Instant::now();
         for (i, id) in ids.iter().enumerate() {
-            timers.arm(Timer {
-                at: base + Duration::from_millis(i as u64),
-                generation: i as u64,
-                client_id: id.clone(),
-                kind: TimerKind::SessionExpiry,
-            });
+            timers.arm(Timer::new(
+                base + Duration::from_millis(i as u64),
+                i as u64,
+                id.clone(),
+                TimerKind::SessionExpiry,
+            ));
         }
         let start = WallClock::now();
         let mut now = base;

@@ -269,10 +269,10 @@ impl Broker {
             }
             let mut expired = 0usize;
             for timer in self.registry.timers.take_due(Instant::now()) {
-                match timer.kind {
+                match timer.kind() {
                     TimerKind::SessionExpiry => {
                         if let Some(session) = self.registry.expire(&timer) {
-                            debug!(client_id = %timer.client_id, "session expired");
+                            debug!(client_id = %timer.client_id(), "session expired");
                             Stats::incr(&self.stats.sessions_expired);
                             self.end_session(session);
                             expired += 1;
@@ -280,7 +280,7 @@ impl Broker {
                     }
                     TimerKind::WillDelay => {
                         if let Some(will) = self.registry.take_pending_will(&timer) {
-                            self.publish_will(&timer.client_id, will, Instant::now());
+                            self.publish_will(timer.client_id(), will, Instant::now());
                         }
                     }
                 }

@@ -3,7 +3,9 @@
 //! end (will, parking or hand-over). Packet handling itself lives in `protocol`.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,7 +76,14 @@ pub async fn serve(
     .await
 }
 
-async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpoint: &Endpoint) {
+/// The connection until its session is attached and the CONNACK queued: transport handshake,
+/// CONNECT, authentication, claim. `None` when it ended there.
+async fn start(
+    tcp: TcpStream,
+    broker: &Arc<Broker>,
+    mut shutdown: Shutdown,
+    endpoint: &Endpoint,
+) -> Option<Ready> {
     let config = &broker.config;
     // The transport handshake and the CONNECT share one deadline.
     let deadline = Instant::now() + config.connect_timeout();
@@ -84,7 +93,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
         Ok(Ok(Stream::Tcp(tcp)))
     } else {
         tokio::select! {
-            _ = shutdown.recv() => return,
+            _ = shutdown.recv() => return None,
             // Boxed: the TLS / WebSocket handshake state is kilobytes, and inline it would
             // size every connection task's future for its whole life.
             r = tokio::time::timeout_at(deadline, Box::pin(endpoint.handshake(tcp, config.listener.max_packet_size))) => r,
@@ -99,7 +108,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             };
             Stats::incr(counter);
             debug!(scheme = endpoint.spec.scheme(), "{e}");
-            return;
+            return None;
         }
         Err(_) => {
             let counter = if endpoint.tls.is_some() {
@@ -113,21 +122,23 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
                 "handshake not done within {:?}; closing",
                 config.connect_timeout()
             );
-            return;
+            return None;
         }
     };
     let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
 
     let connect = tokio::select! {
-        _ = shutdown.recv() => return,
-        r = tokio::time::timeout_at(deadline, read_connect(&mut stream, &mut inbuf, config.listener.max_packet_size)) => match r {
+        _ = shutdown.recv() => return None,
+        // The futures awaited before the main loop are boxed (`refuse`, `finish` too): each
+        // await's state is part of the task's size, which idle connections pay for.
+        r = tokio::time::timeout_at(deadline, Box::pin(read_connect(&mut stream, &mut inbuf, config.listener.max_packet_size))) => match r {
             Err(_) => {
                 debug!("no CONNECT within {:?}; closing", config.connect_timeout());
-                return;
+                return None;
             }
             Ok(Err(ConnectError::Closed)) => {
                 debug!("closed before CONNECT");
-                return;
+                return None;
             }
             Ok(Err(ConnectError::Io(e))) => {
                 if e.kind() == std::io::ErrorKind::InvalidData {
@@ -135,7 +146,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
                     Stats::incr(&broker.stats.protocol_errors);
                 }
                 debug!("read error before CONNECT: {e}");
-                return;
+                return None;
             }
             Ok(Err(ConnectError::Decode(DecodeError::UnsupportedProtocolVersion(level)))) => {
                 // [MQTT-3.1.2-2]: CONNACK 0x01 in the 3.1.1 format, then close.
@@ -144,8 +155,8 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
                 let mut out = BytesMut::new();
                 let _ = codec::encode(&ack, ProtocolVersion::V311, None, &mut out);
                 let _ = timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(&out)).await;
-                linger_close(&mut stream, &mut shutdown, REFUSE_LINGER).await;
-                return;
+                Box::pin(linger_close(&mut stream, &mut shutdown, REFUSE_LINGER)).await;
+                return None;
             }
             Ok(Err(ConnectError::Decode(e))) => {
                 Stats::incr(&broker.stats.protocol_errors);
@@ -155,11 +166,13 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
                 if codec::connect_version(&inbuf).is_some_and(|v| v.is_v5()) {
                     refuse(&mut stream, ProtocolVersion::V5, e.reason_code(), &mut shutdown).await;
                 } else {
-                    linger_close(&mut stream, &mut shutdown, REFUSE_LINGER).await;
+                    Box::pin(linger_close(&mut stream, &mut shutdown, REFUSE_LINGER)).await;
                 }
-                return;
+                return None;
             }
-            Ok(Ok(c)) => c,
+            // Boxed: the decoded CONNECT is dropped before the main loop, but its bytes in
+            // this task's state would stay reserved for the connection's whole life.
+            Ok(Ok(c)) => Box::new(c),
         }
     };
 
@@ -176,7 +189,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             &mut shutdown,
         )
         .await;
-        return;
+        return None;
     };
     span.record("client_id", &*client_id);
     if let Some(will) = &connect.will {
@@ -194,7 +207,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             } else {
                 linger_close(&mut stream, &mut shutdown, REFUSE_LINGER).await;
             }
-            return;
+            return None;
         }
     }
     if protocol.is_v5() && connect.properties.authentication_method.is_some() {
@@ -206,7 +219,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             &mut shutdown,
         )
         .await;
-        return;
+        return None;
     }
 
     // Who the client is, before any session state is touched: the CONNECT's username and
@@ -224,13 +237,13 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     // Bounded by the CONNECT deadline: a queue of slow hashes must not hold connection
     // slots past it.
     let verdict = tokio::select! {
-        _ = shutdown.recv() => return,
-        v = tokio::time::timeout_at(deadline, broker.auth.authenticate(
+        _ = shutdown.recv() => return None,
+        v = tokio::time::timeout_at(deadline, Box::pin(broker.auth.authenticate(
             username.as_deref(),
             connect.password.as_ref(),
             identity,
             endpoint.spec.allow_anonymous,
-        )) => v,
+        ))) => v,
     };
     let Ok(verdict) = verdict else {
         warn!("password check not done within the CONNECT timeout; refusing");
@@ -241,7 +254,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             &mut shutdown,
         )
         .await;
-        return;
+        return None;
     };
     // A name nobody checked is not an identity: without a password file (and no
     // certificate) the client is anonymous to the ACL too.
@@ -263,7 +276,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     if let Some(reason) = refused {
         warn!(username = ?username, ?verdict, "authentication failed; refusing");
         refuse(&mut stream, protocol, reason, &mut shutdown).await;
-        return;
+        return None;
     }
     let acl_generation = broker.auth.acl_generation();
     let acl = broker.auth.client_acl(username.as_deref(), &client_id);
@@ -278,7 +291,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
                 &mut shutdown,
             )
             .await;
-            return;
+            return None;
         }
     }
 
@@ -294,7 +307,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             &mut shutdown,
         )
         .await;
-        return;
+        return None;
     }
 
     let (keep_alive, keep_alive_overridden) = keep_alive(&connect, broker);
@@ -313,7 +326,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             &mut shutdown,
         )
         .await;
-        return;
+        return None;
     }
 
     // The registry is the one map every client can grow (3.1.1 persistent sessions never
@@ -334,11 +347,11 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             &mut shutdown,
         )
         .await;
-        return;
+        return None;
     }
 
-    let (control_tx, mut control_rx) = mpsc::channel::<Control>(4);
-    let Some((generation, old)) = claim(broker, &client_id, &control_tx).await else {
+    let (control_tx, control_rx) = mpsc::channel::<Control>(4);
+    let Some((generation, old)) = Box::pin(claim(broker, &client_id, &control_tx)).await else {
         warn!("takeover of the existing session did not complete in time; refusing");
         refuse(
             &mut stream,
@@ -347,7 +360,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             &mut shutdown,
         )
         .await;
-        return;
+        return None;
     };
 
     let (expiry, expiry_capped) = session_expiry(&connect, broker);
@@ -448,7 +461,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             max = ?conn.peer_max_packet,
             "CONNACK exceeds the client's Maximum Packet Size; closing"
         );
-        conn.will = None;
+        conn.will.clear();
         finish(
             conn,
             stream,
@@ -459,7 +472,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
             shutdown,
         )
         .await;
-        return;
+        return None;
     }
     held.connack_queued(conn.out.len());
     // Everything in flight goes out again, as the window allows (`Conn::pump`).
@@ -469,6 +482,49 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     // heap copy (client id, username, password, will, properties) must not live as long as
     // the connection.
     drop(connect);
+    Some(Ready {
+        conn,
+        control_tx,
+        stream,
+        inbuf,
+        session,
+        control_rx,
+        held,
+        shutdown,
+    })
+}
+
+/// What `start` hands to the main loop.
+struct Ready {
+    conn: Conn,
+    /// Kept for the connection's life, as before the split: the registry's copy may go
+    /// (a takeover replaces it) while this task still reads its requests.
+    control_tx: mpsc::Sender<Control>,
+    stream: Stream,
+    inbuf: BytesMut,
+    session: Box<Session>,
+    control_rx: mpsc::Receiver<Control>,
+    held: Held,
+    shutdown: Shutdown,
+}
+
+async fn run(tcp: TcpStream, broker: &Arc<Broker>, shutdown: Shutdown, endpoint: &Endpoint) {
+    // Boxed and gone once the client is connected: every local and await of the handshake
+    // would otherwise stay reserved in the task of every idle connection (2.5 KiB of future
+    // before, with the main loop's state beside it).
+    let Some(Ready {
+        mut conn,
+        control_tx,
+        mut stream,
+        mut inbuf,
+        mut session,
+        mut control_rx,
+        mut held,
+        mut shutdown,
+    }) = Box::pin(start(tcp, broker, shutdown, endpoint)).await
+    else {
+        return;
+    };
     let exit = main_loop(
         &mut conn,
         &mut stream,
@@ -481,6 +537,7 @@ async fn run(tcp: TcpStream, broker: &Arc<Broker>, mut shutdown: Shutdown, endpo
     .await;
 
     finish(conn, stream, session, exit, control_rx, held, shutdown).await;
+    drop(control_tx);
 }
 
 /// Output held back until the store reports durable what it acknowledges: `marks` are
@@ -711,8 +768,18 @@ fn connack(session_present: bool, reason: ReasonCode) -> Packet {
     })
 }
 
-/// Answer CONNECT with a failure CONNACK and close.
-async fn refuse(
+/// Answer CONNECT with a failure CONNACK and close. Boxed, like `finish`: awaited inline, its
+/// state would be part of every connection task's future for the connection's whole life.
+fn refuse<'a>(
+    stream: &'a mut Stream,
+    protocol: ProtocolVersion,
+    reason: ReasonCode,
+    shutdown: &'a mut Shutdown,
+) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    Box::pin(refuse_now(stream, protocol, reason, shutdown))
+}
+
+async fn refuse_now(
     stream: &mut Stream,
     protocol: ProtocolVersion,
     reason: ReasonCode,
@@ -879,6 +946,13 @@ async fn main_loop(
         if inbuf.is_empty() && inbuf.capacity() > 0 {
             *inbuf = BytesMut::new();
         }
+        // Nor a write buffer: everything written, the next packet allocates a fresh one (an
+        // allocation per burst, next to a system call per write).
+        conn.out.release_if_empty();
+        // The back-pressure wait only exists during an episode: boxed, so the idle task does
+        // not carry its timer and queue waits (select! builds every branch's future, enabled
+        // or not).
+        let mut drain = (!blocked.is_empty()).then(|| Box::pin(drained(&blocked, blocked_until)));
         // Output behind an acknowledgement that is not durable yet stays in the buffer.
         let writable = held.writable(conn.out.len());
         let held_back = held.waiting_for().is_some();
@@ -918,7 +992,10 @@ async fn main_loop(
                 return Exit::StoreFailed;
             },
             _ = session.mailbox.notified(), if room => {}
-            _ = drained(&blocked, blocked_until), if !blocked.is_empty() => {
+            _ = std::future::poll_fn(|cx| match drain.as_mut() {
+                Some(d) => d.as_mut().poll(cx),
+                None => std::task::Poll::Pending,
+            }), if drain.is_some() => {
                 conn.blocked_until = None;
                 if Instant::now() >= blocked_until {
                     Stats::incr(&conn.broker.stats.backpressure_timeouts);
@@ -929,6 +1006,7 @@ async fn main_loop(
             }
             _ = &mut sleep, if keep_alive.is_some() && blocked.is_empty() => return Exit::KeepAliveTimeout,
         }
+        drop(drain);
         conn.blocked = blocked;
         conn.blocked.retain(|m| m.congested());
     }
@@ -962,8 +1040,23 @@ async fn drained(blocked: &[Arc<Mailbox>], until: Instant) {
 }
 
 /// The end of a connection: final DISCONNECT (v5), the will, and the session parked, ended
-/// or handed to the connection taking it over.
-async fn finish(
+/// or handed to the connection taking it over. Boxed, allocated only when the connection
+/// ends: inline, this state (about 1.9 KiB) would size every idle connection's task.
+fn finish(
+    conn: Conn,
+    stream: Stream,
+    session: Box<Session>,
+    exit: Exit,
+    control_rx: mpsc::Receiver<Control>,
+    held: Held,
+    shutdown: Shutdown,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(finish_now(
+        conn, stream, session, exit, control_rx, held, shutdown,
+    ))
+}
+
+async fn finish_now(
     mut conn: Conn,
     mut stream: Stream,
     mut session: Box<Session>,

@@ -15,14 +15,14 @@ use crate::auth::acl::ClientAcl;
 use crate::auth::gate::epoch_tag;
 use crate::broker::Broker;
 use crate::session::mailbox::{Mailbox, MailboxAcl, Pushed};
-use crate::session::{outbound_publish, InboundQos2, Session, Subscription};
+use crate::session::{outbound_publish, InboundQos2, PendingWill, Session, Subscription};
 use crate::stats::Stats;
 use crate::transport::OutBuf;
 use crate::wire::codec::{self, DecodeError, EncodeError};
 use crate::wire::message::{Delivery, Message};
 use crate::wire::packet::{
     Ack, Connect, Packet, ProtocolVersion, Publish, QoS, ReasonCode, RetainHandling, SubAck,
-    Subscribe, UnsubAck, Unsubscribe, Will,
+    Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::wire::topic;
 
@@ -119,8 +119,9 @@ pub struct Conn {
     pub client_id: Arc<str>,
     /// Registry generation of this connection.
     pub generation: u64,
-    /// The will, published unless the client disconnects normally.
-    pub will: Option<Will>,
+    /// The will, published unless the client disconnects normally; boxed (a will is about
+    /// 200 bytes, most clients have none).
+    pub will: PendingWill,
     /// 1.5 x the client's keep-alive; `None` when disabled.
     pub keep_alive: Option<Duration>,
     /// Outbound QoS 1/2 messages allowed in flight: our limit, lowered by the client's
@@ -165,7 +166,7 @@ impl Conn {
             protocol: c.protocol,
             client_id,
             generation,
-            will: c.will.clone(),
+            will: c.will.clone().into(),
             keep_alive: (c.keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
             window,

@@ -51,8 +51,11 @@ fn probe(broker: &Broker, client_id: &str) -> Option<Probe> {
             session, deadline, ..
         } => {
             let mut info = SessionInfo::of(session, false, session.pending_will.is_some());
-            info.expires_in_secs =
-                deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs());
+            info.expires_in_secs = deadline.map(|d| {
+                d.instant()
+                    .saturating_duration_since(Instant::now())
+                    .as_secs()
+            });
             Probe::Offline(info)
         }
         Slot::TakingOver { .. } => Probe::Changing,

@@ -8,7 +8,9 @@
 //! Client ID reused in the meantime is never expired by an old timer.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::num::NonZeroU64;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -22,17 +24,102 @@ pub enum TimerKind {
     WillDelay,
 }
 
-/// One armed deadline.
+/// A point in time in 8 bytes instead of an `Instant`'s 16, with a free niche so an
+/// `Option<Deadline>` is 8 bytes too: a million parked sessions each keep two of them in their
+/// registry slot and one per armed timer. Nanoseconds (plus one) since a base fixed on first
+/// use, so converting back gives the very same `Instant`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Deadline(NonZeroU64);
+
+/// The base of every `Deadline`, set on first use a day (or as much as the clock allows)
+/// before that moment: a deadline earlier than the base is already past, and is kept as the
+/// base itself, which is just as past.
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(|| {
+        let now = Instant::now();
+        [86_400, 3_600, 60, 1]
+            .into_iter()
+            .find_map(|s| now.checked_sub(Duration::from_secs(s)))
+            .unwrap_or(now)
+    })
+}
+
+impl Deadline {
+    /// The deadline at `at`.
+    pub fn at(at: Instant) -> Deadline {
+        let nanos = at.saturating_duration_since(base()).as_nanos();
+        let n = u64::try_from(nanos)
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1);
+        Deadline(NonZeroU64::new(n).unwrap_or(NonZeroU64::MIN))
+    }
+
+    /// As an `Instant`.
+    pub fn instant(self) -> Instant {
+        base() + Duration::from_nanos(self.0.get() - 1)
+    }
+}
+
+impl From<Instant> for Deadline {
+    fn from(at: Instant) -> Deadline {
+        Deadline::at(at)
+    }
+}
+
+/// One armed deadline: 32 bytes, fixed size. Ordered by deadline first.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timer {
+    at: Deadline,
+    /// The generation shifted left by one, the kind in the low bit: generations are counted
+    /// from 1 and never come near 2^63.
+    tag: u64,
+    client_id: Arc<str>,
+}
+
+impl Timer {
+    /// The deadline `at` of `kind` for `client_id`'s session as armed for `generation`.
+    pub fn new(
+        at: impl Into<Deadline>,
+        generation: u64,
+        client_id: Arc<str>,
+        kind: TimerKind,
+    ) -> Timer {
+        Timer {
+            at: at.into(),
+            tag: generation << 1 | u64::from(kind == TimerKind::WillDelay),
+            client_id,
+        }
+    }
+
     /// When it fires.
-    pub at: Instant,
+    pub fn at(&self) -> Instant {
+        self.at.instant()
+    }
+
+    /// When it fires, as stored.
+    pub fn deadline(&self) -> Deadline {
+        self.at
+    }
+
     /// The registry generation it was armed for.
-    pub generation: u64,
+    pub fn generation(&self) -> u64 {
+        self.tag >> 1
+    }
+
     /// Whose session.
-    pub client_id: Arc<str>,
+    pub fn client_id(&self) -> &Arc<str> {
+        &self.client_id
+    }
+
     /// What to do.
-    pub kind: TimerKind,
+    pub fn kind(&self) -> TimerKind {
+        if self.tag & 1 == 1 {
+            TimerKind::WillDelay
+        } else {
+            TimerKind::SessionExpiry
+        }
+    }
 }
 
 /// The ordered set of deadlines. Shared by the registry (which arms and cancels under its
@@ -81,6 +168,7 @@ impl Timers {
     pub fn take_due(&self, now: Instant) -> Vec<Timer> {
         let mut set = self.lock();
         let mut due = Vec::new();
+        let now = Deadline::at(now);
         while set.first().is_some_and(|t| t.at <= now) {
             if let Some(t) = set.pop_first() {
                 due.push(t);
@@ -91,7 +179,7 @@ impl Timers {
 
     /// The earliest deadline, if any.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.lock().first().map(|t| t.at)
+        self.lock().first().map(Timer::at)
     }
 
     /// Wait until the earliest deadline passes or a new earliest one is armed. The caller
@@ -117,12 +205,27 @@ mod tests {
     use super::*;
 
     fn timer(at: Instant, id: &str, generation: u64) -> Timer {
-        Timer {
-            at,
-            generation,
-            client_id: id.into(),
-            kind: TimerKind::SessionExpiry,
+        Timer::new(at, generation, id.into(), TimerKind::SessionExpiry)
+    }
+
+    #[test]
+    fn a_deadline_gives_back_its_instant_and_a_timer_its_parts() {
+        let t0 = Instant::now();
+        for at in [
+            t0,
+            t0 + Duration::from_nanos(1),
+            t0 + Duration::from_secs(600),
+        ] {
+            assert_eq!(Deadline::at(at).instant(), at);
         }
+        assert!(Deadline::at(t0) < Deadline::at(t0 + Duration::from_nanos(1)));
+        let t = Timer::new(t0, 7, "c".into(), TimerKind::WillDelay);
+        assert_eq!(
+            (t.at(), t.generation(), &**t.client_id(), t.kind()),
+            (t0, 7, "c", TimerKind::WillDelay)
+        );
+        assert_eq!(std::mem::size_of::<Timer>(), 32);
+        assert_eq!(std::mem::size_of::<Option<Deadline>>(), 8);
     }
 
     #[test]
@@ -133,7 +236,7 @@ mod tests {
         timers.arm(timer(t0 + Duration::from_secs(5), "short", 2));
         timers.arm(timer(t0 + Duration::from_secs(50), "mid", 3));
         let due = timers.take_due(t0 + Duration::from_secs(60));
-        let ids: Vec<&str> = due.iter().map(|t| &*t.client_id).collect();
+        let ids: Vec<&str> = due.iter().map(|t| &**t.client_id()).collect();
         assert_eq!(ids, ["short", "mid"]);
         assert_eq!(timers.len(), 1);
     }
@@ -169,7 +272,7 @@ mod tests {
         tokio::task::yield_now().await;
         timers.arm(timer(t0 + Duration::from_secs(2), "early", 2));
         let (fired_at, due) = waiter.await.unwrap();
-        assert_eq!(&*due[0].client_id, "early");
+        assert_eq!(&**due[0].client_id(), "early");
         assert!(
             fired_at - t0 < Duration::from_secs(3),
             "fired late: {:?}",

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use crate::session::expiry::Deadline;
 use crate::session::journal::{ImageKind, SessionImage, SessionJournal};
 use crate::session::mailbox::Mailbox;
 use crate::session::parts::{OutState, Subscription};
@@ -155,22 +156,42 @@ impl Subscriptions {
 /// A delayed will waiting while the session is offline (v5 Will Delay). Boxed: a will is
 /// about 200 bytes and almost every parked session has none.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PendingWill(Option<Box<Will>>);
+pub struct PendingWill(Option<Box<ArmedWill>>);
+
+/// A pending will and, while its session is parked, the deadline of its timer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ArmedWill {
+    will: Will,
+    at: Option<Deadline>,
+}
 
 impl PendingWill {
     /// The will, if one is pending.
     pub fn as_ref(&self) -> Option<&Will> {
-        self.0.as_deref()
+        self.0.as_deref().map(|a| &a.will)
     }
 
     /// Take the will out, leaving none pending.
     pub fn take(&mut self) -> Option<Will> {
-        self.0.take().map(|w| *w)
+        self.0.take().map(|a| a.will)
     }
 
     /// Make `will` the pending one.
     pub fn set(&mut self, will: Will) {
-        self.0 = Some(Box::new(will));
+        self.0 = Some(Box::new(ArmedWill { will, at: None }));
+    }
+
+    /// The deadline its timer was armed with (the registry's business, kept here so that the
+    /// slot of every parked session without a will does not carry room for one).
+    pub fn armed_at(&self) -> Option<Deadline> {
+        self.0.as_ref().and_then(|a| a.at)
+    }
+
+    /// Note the deadline its timer was armed with; nothing without a will.
+    pub fn set_armed_at(&mut self, at: Option<Deadline>) {
+        if let Some(a) = &mut self.0 {
+            a.at = at;
+        }
     }
 
     /// Drop the pending will, if any.
@@ -191,7 +212,7 @@ impl PendingWill {
 
 impl From<Option<Will>> for PendingWill {
     fn from(will: Option<Will>) -> Self {
-        PendingWill(will.map(Box::new))
+        PendingWill(will.map(|will| Box::new(ArmedWill { will, at: None })))
     }
 }
 

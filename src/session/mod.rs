@@ -11,5 +11,7 @@ pub mod mailbox;
 pub mod parts;
 pub mod registry;
 
-pub use machine::{outbound_publish, InboundQos2, Inflight, Session, EXPIRY_NEVER};
+pub use machine::{
+    outbound_publish, InboundQos2, Inflight, PendingWill, Session, Subscriptions, EXPIRY_NEVER,
+};
 pub use parts::{OutState, Subscription};

@@ -18,7 +18,7 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::session::expiry::{Timer, TimerKind, Timers};
+use crate::session::expiry::{Deadline, Timer, TimerKind, Timers};
 use crate::session::inspect::SessionInfo;
 use crate::session::journal::{self, ImageKind};
 use crate::session::{Session, EXPIRY_NEVER};
@@ -52,10 +52,10 @@ pub enum Slot {
         generation: u64,
         /// The parked session.
         session: Box<Session>,
-        /// When it expires; `None` = never (no timer armed).
-        deadline: Option<Instant>,
-        /// When its delayed will is published, if that comes before the expiry (v5).
-        will_at: Option<Instant>,
+        /// When it expires; `None` = never (no timer armed). When its delayed will goes out
+        /// is kept with the will (`PendingWill::armed_at`): few sessions have one, and every
+        /// slot is a bucket of the registry's table.
+        deadline: Option<Deadline>,
     },
     /// A new connection asked the owner to hand the session over and is waiting for it.
     TakingOver {
@@ -181,13 +181,17 @@ impl Registry {
                     let Slot::Offline {
                         session,
                         deadline,
-                        will_at,
                         generation: old_gen,
                     } = old
                     else {
                         unreachable!("matched Offline above")
                     };
-                    self.disarm(client_id, old_gen, deadline, will_at);
+                    self.disarm(
+                        client_id,
+                        old_gen,
+                        deadline,
+                        session.pending_will.armed_at(),
+                    );
                     Claim::Resumed {
                         generation,
                         session,
@@ -253,32 +257,28 @@ impl Registry {
         session.mailbox.set_online(false);
         session.shrink();
         let deadline = (session.expiry_interval != EXPIRY_NEVER)
-            .then(|| now + Duration::from_secs(u64::from(session.expiry_interval)));
+            .then(|| Deadline::at(now + Duration::from_secs(u64::from(session.expiry_interval))));
         // A will delay that outlasts the session needs no timer of its own: the will goes out
         // when the session ends [MQTT-3.1.3-9 context, section 3.1.3.2.2].
         let will_at = session
             .pending_will
             .as_ref()
-            .map(|w| now + Duration::from_secs(u64::from(w.delay_interval)))
+            .map(|w| Deadline::at(now + Duration::from_secs(u64::from(w.delay_interval))))
             .filter(|at| deadline.is_none_or(|d| *at < d));
+        session.pending_will.set_armed_at(will_at);
         for (at, kind) in [
             (deadline, TimerKind::SessionExpiry),
             (will_at, TimerKind::WillDelay),
         ] {
             if let Some(at) = at {
-                self.timers.arm(Timer {
-                    at,
-                    generation,
-                    client_id: session.client_id.clone(),
-                    kind,
-                });
+                self.timers
+                    .arm(Timer::new(at, generation, session.client_id.clone(), kind));
             }
         }
         Ok(Slot::Offline {
             generation,
             session,
             deadline,
-            will_at,
         })
     }
 
@@ -287,20 +287,16 @@ impl Registry {
         &self,
         client_id: &Arc<str>,
         generation: u64,
-        deadline: Option<Instant>,
-        will_at: Option<Instant>,
+        deadline: Option<Deadline>,
+        will_at: Option<Deadline>,
     ) {
         for (at, kind) in [
             (deadline, TimerKind::SessionExpiry),
             (will_at, TimerKind::WillDelay),
         ] {
             if let Some(at) = at {
-                self.timers.cancel(&Timer {
-                    at,
-                    generation,
-                    client_id: client_id.clone(),
-                    kind,
-                });
+                self.timers
+                    .cancel(&Timer::new(at, generation, client_id.clone(), kind));
             }
         }
     }
@@ -346,18 +342,17 @@ impl Registry {
     /// A session-expiry deadline fired: remove the session if the slot is still the parked
     /// session it was armed for. Returns it for cleanup (which publishes a pending will).
     pub fn expire(&self, timer: &Timer) -> Option<Box<Session>> {
-        let (key, slot) = self.slots.remove_if(&timer.client_id, |_, slot| {
+        let (key, slot) = self.slots.remove_if(timer.client_id(), |_, slot| {
             matches!(slot, Slot::Offline { generation, deadline: Some(at), .. }
-                if *generation == timer.generation && *at <= timer.at)
+                if *generation == timer.generation() && *at <= timer.deadline())
         })?;
         match slot {
             Slot::Offline {
                 session,
-                will_at,
                 generation,
                 ..
             } => {
-                self.disarm(&key, generation, None, will_at);
+                self.disarm(&key, generation, None, session.pending_will.armed_at());
                 Some(session)
             }
             _ => None,
@@ -367,22 +362,22 @@ impl Registry {
     /// A will-delay deadline fired: take the pending will of the parked session it was armed
     /// for, if the session is still parked and has not been resumed since.
     pub fn take_pending_will(&self, timer: &Timer) -> Option<crate::wire::packet::Will> {
-        let mut slot = self.slots.get_mut(&timer.client_id)?;
+        let mut slot = self.slots.get_mut(timer.client_id())?;
         match &mut *slot {
             Slot::Offline {
                 generation,
                 session,
-                will_at,
                 deadline,
-            } if *generation == timer.generation && *will_at == Some(timer.at) => {
-                *will_at = None;
+            } if *generation == timer.generation()
+                && session.pending_will.armed_at() == Some(timer.deadline()) =>
+            {
                 let will = session.pending_will.take();
                 // A durable session records that its will is gone, or a restart would
                 // publish it again. Rebased to now: the remaining lifetime counts from here.
                 if session.journal.is_attached() {
                     let now = Instant::now();
                     let left = deadline.map_or(EXPIRY_NEVER, |d| {
-                        let ms = d.saturating_duration_since(now).as_millis();
+                        let ms = d.instant().saturating_duration_since(now).as_millis();
                         u32::try_from(ms.div_ceil(1000))
                             .unwrap_or(EXPIRY_NEVER - 1)
                             .max(1)
@@ -406,10 +401,9 @@ impl Registry {
             Slot::Offline {
                 session,
                 deadline,
-                will_at,
                 generation,
             } => {
-                self.disarm(&key, generation, deadline, will_at);
+                self.disarm(&key, generation, deadline, session.pending_will.armed_at());
                 Some(session)
             }
             _ => None,
@@ -618,12 +612,12 @@ mod tests {
         };
         assert!(reg.timers.is_empty());
         reg.park(g2, s, t0 + Duration::from_secs(5));
-        let stale = Timer {
-            at: t0 + Duration::from_secs(10),
+        let stale = Timer::new(
+            t0 + Duration::from_secs(10),
             generation,
-            client_id: id.clone(),
-            kind: TimerKind::SessionExpiry,
-        };
+            id.clone(),
+            TimerKind::SessionExpiry,
+        );
         assert!(reg.expire(&stale).is_none());
         let due = reg.timers.take_due(t0 + Duration::from_secs(15));
         assert_eq!(due.len(), 1);

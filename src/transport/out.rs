@@ -42,6 +42,14 @@ impl OutBuf {
         self.len() == 0
     }
 
+    /// Give the buffers back while nothing waits, so an idle connection holds no write
+    /// buffer (the next packet allocates a fresh one: an allocation per burst).
+    pub fn release_if_empty(&mut self) {
+        if self.is_empty() && (self.tail.capacity() > 0 || self.chunks.capacity() > 0) {
+            *self = OutBuf::default();
+        }
+    }
+
     /// Where the next packet is encoded: the end of the output.
     pub fn buf_mut(&mut self) -> &mut BytesMut {
         &mut self.tail
