@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Runs the same load scenarios against tether and Mosquitto, back to back, and prints the
-# ratios (tether / Mosquitto). Both brokers are started by hand on loopback ports, a fresh
-# process for every run, and stopped by pid afterwards; nothing is installed or left running.
+# Runs the same load scenarios against tether, Mosquitto and (when installed) rumqttd, back to
+# back, and prints the ratios (tether / Mosquitto, tether / rumqttd). The brokers are started by
+# hand on loopback ports, a fresh process for every run, and stopped by pid afterwards; nothing
+# is installed or left running.
 #
 #   benches/compare.sh                 # everything, median of 3 runs (~10 minutes)
 #   REPEAT=1 benches/compare.sh        # one run each (~4 minutes)
 #   ONLY="fan-in latency" benches/compare.sh
+#   CLIENTS=100000 ONLY=connections benches/compare.sh   # the scale test (README, "Scale test")
 #
 # Environment: REPEAT (3), DURATION (seconds of publishing per throughput run, 2),
 # CLIENTS (idle connections, 10000), SESSIONS (1000), PER_SESSION (10), ONLY (groups among
 # fan-in pairs fan-out slow-consumer latency cpu connections sessions tls-fan-in tls-connections
-# acl), OUT (raw RESULT lines,
-# target/compare/results.txt), TETHER (binary, target/release/tether). Needs /usr/sbin/mosquitto (Mosquitto 2.0).
+# acl), IDLE (seconds the connections group idles, 5), OUT (raw RESULT lines,
+# $CARGO_TARGET_DIR/compare/results.txt), TETHER (binary, $CARGO_TARGET_DIR/release/tether;
+# CARGO_TARGET_DIR defaults to target), TETHER_PERSISTENCE (false, as benches/mosquitto.conf;
+# tether always gets a fresh, empty data directory per run), RUMQTTD (binary,
+# ~/.cargo/bin/rumqttd; `cargo install rumqttd@0.20.0`; its column is left out when absent).
+# Needs /usr/sbin/mosquitto (Mosquitto 2.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,23 +27,34 @@ CLIENTS=${CLIENTS:-10000}
 SESSIONS=${SESSIONS:-1000}
 PER_SESSION=${PER_SESSION:-10}
 ONLY=${ONLY:-"fan-in pairs fan-out slow-consumer latency cpu connections sessions tls-fan-in tls-connections acl"}
-OUT=${OUT:-target/compare/results.txt}
+IDLE=${IDLE:-5}
+TARGET=${CARGO_TARGET_DIR:-target}
+OUT=${OUT:-$TARGET/compare/results.txt}
 MOSQUITTO=${MOSQUITTO:-/usr/sbin/mosquitto}
+RUMQTTD=${RUMQTTD:-$HOME/.cargo/bin/rumqttd}
 # The tether binary to measure (another build can be compared with the same load generator).
-TETHER=${TETHER:-target/release/tether}
+BUILD_TETHER=${TETHER:+no}
+TETHER=${TETHER:-$TARGET/release/tether}
+# Mosquitto runs with `persistence false`; tether matches it unless told otherwise. Either way
+# it gets an empty data directory for every run: a store left by an earlier run would be
+# restored (thousands of persistent sessions from the connections group) and skew the next.
+TETHER_PERSISTENCE=${TETHER_PERSISTENCE:-false}
 TETHER_ADDR=127.0.0.1:18884
 MOSQ_ADDR=127.0.0.1:18883 # must match benches/mosquitto.conf
+RUMQTTD_ADDR=127.0.0.1:18885  # 3.1.1; must match benches/rumqttd.toml
+RUMQTTD_ADDR5=127.0.0.1:18886 # 5.0
 
 # 10,000 connections need more descriptors than the usual 1024, in the brokers and here.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((CLIENTS + 100)) ]; then
-  echo "compare: ulimit -n is $(ulimit -n), below $CLIENTS connections" >&2
+  echo "compare: ulimit -n is $(ulimit -n) (hard limit $(ulimit -Hn)), below $CLIENTS connections: raise the hard limit (as root: ulimit -Hn $((CLIENTS + 1000)) before running this; see README, \"Scale test\")" >&2
   exit 1
 fi
 
 echo "== building (release)" >&2
-cargo build --release --quiet
-LOAD=$(cargo bench --bench load --no-run 2>&1 | sed -n 's/.*(\(target\/release\/deps\/load-[0-9a-f]*\)).*/\1/p' | tail -1)
+[ "$BUILD_TETHER" = no ] || cargo build --release --quiet
+# "Executable benches/load.rs (TARGET/release/deps/load-HASH)", TARGET relative or absolute.
+LOAD=$(cargo bench --bench load --no-run 2>&1 | sed -n 's/.*(\(.*release\/deps\/load-[0-9a-f]*\)).*/\1/p' | tail -1)
 [ -x "$LOAD" ] || { echo "compare: load generator not found" >&2; exit 1; }
 mkdir -p "$(dirname "$OUT")"
 : >"$OUT"
@@ -50,7 +67,13 @@ LOGDIR=$(dirname "$OUT")
 TETHER_ARGS=()
 MOSQ_CONF=benches/mosquitto.conf
 LOAD_EXTRA=()
-BROKERS="tether mosquitto"
+ALL_BROKERS="tether mosquitto"
+if [ -x "$RUMQTTD" ]; then
+  ALL_BROKERS="tether mosquitto rumqttd"
+else
+  echo "compare: no rumqttd at $RUMQTTD (cargo install rumqttd@0.20.0): its column is left out" >&2
+fi
+BROKERS=$ALL_BROKERS
 TLS=$LOGDIR/tls
 make_tls() {
   [ -f "$TLS/server.pem" ] && return 0
@@ -82,14 +105,23 @@ make_acl() { # 1,000 rules, all of which apply to the load clients (anonymous), 
 }
 
 BROKER_PID=
-start_broker() { # tether | tetheracl | mosquitto
+start_broker() { # tether | tetheracl | mosquitto | rumqttd
   if [ "$1" = tether ] || [ "$1" = tetheracl ]; then
     local args=("${TETHER_ARGS[@]}")
     [ "$1" = tetheracl ] && args=(-c "$LOGDIR/tether-acl.toml")
-    # Log level warn: Mosquitto is configured to log only warnings and errors too.
-    TETHER_LOG__LEVEL=warn "$TETHER" "${args[@]}" -b "$TETHER_ADDR" >>"$LOGDIR/tether.log" 2>&1 &
+    rm -rf "$LOGDIR/tether-data"
+    # Log level warn: Mosquitto is configured to log only warnings and errors too. The
+    # connection limit (listener.max_connections, 10,000 by default) above the client count:
+    # the connections group's publishers connect after the idle clients.
+    TETHER_LOG__LEVEL=warn TETHER_PERSISTENCE__ENABLED=$TETHER_PERSISTENCE \
+      TETHER_LISTENER__MAX_CONNECTIONS=$((CLIENTS + 1000)) \
+      "$TETHER" "${args[@]}" -d "$LOGDIR/tether-data" -b "$TETHER_ADDR" >>"$LOGDIR/tether.log" 2>&1 &
     BROKER_PID=$!
     PORT=${TETHER_ADDR##*:}
+  elif [ "$1" = rumqttd ]; then
+    "$RUMQTTD" -q -c benches/rumqttd.toml >>"$LOGDIR/rumqttd.log" 2>&1 &
+    BROKER_PID=$!
+    PORT=${RUMQTTD_ADDR##*:}
   else
     "$MOSQUITTO" -c "$MOSQ_CONF" >>"$LOGDIR/mosquitto.log" 2>&1 &
     BROKER_PID=$!
@@ -124,13 +156,20 @@ run() {
   local name=$1 key=$2
   shift 2
   for b in $BROKERS; do
-    local addr=$TETHER_ADDR
+    local addr=$TETHER_ADDR extra=()
     [ $b = mosquitto ] && addr=$MOSQ_ADDR
+    if [ $b = rumqttd ]; then
+      # One listener per protocol version; rumqttd refuses Keep Alive 0 (idle clients never
+      # ping, so an hour).
+      addr=$RUMQTTD_ADDR
+      [[ " $* " == *" --proto 5 "* ]] && addr=$RUMQTTD_ADDR5
+      extra=(--keep-alive 3600)
+    fi
     local lines=()
     for _ in $(seq "$REPEAT"); do
       start_broker $b
       local line
-      line=$("$LOAD" --bench "$@" "${LOAD_EXTRA[@]}" --addr "$addr" --pid "$BROKER_PID" --label "$b" 2>>"$LOGDIR/load-stderr.log" | grep '^RESULT' || true)
+      line=$("$LOAD" --bench "$@" "${LOAD_EXTRA[@]}" "${extra[@]}" --addr "$addr" --pid "$BROKER_PID" --label "$b" 2>>"$LOGDIR/load-stderr.log" | grep '^RESULT' || true)
       stop_broker
       [ -n "$line" ] || line="RESULT label=$b failed=1"
       echo "$name $line" >>"$OUT"
@@ -146,9 +185,46 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0 && a != "") printf "%.2
 # Lower is better (latency, time): Mosquitto / tether.
 inv_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b != "") printf "%.2f", b / a; else printf "-" }'; }
 acc() { echo "$(value lost "$1")/$(value dup "$1")/$(value reordered "$1")"; }
+has_rumqttd() { [[ " $BROKERS " == *" rumqttd "* ]]; }
+# A figure, or n/a when the run failed or does not report it (rumqttd cannot do everything).
+fig() { local v; v=$(value "$1" "$2"); echo "${v:-n/a}"; }
 
 echo "== $(date -u +%FT%TZ) $(nproc) cores, load average: $(cut -d' ' -f1-3 /proc/loadavg), repeat $REPEAT" | tee -a "$OUT"
-printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' scenario tether mosquitto ratio goal "t lost/dup/ord" "m lost/dup/ord"
+header() {
+  if has_rumqttd; then
+    printf '%-28s %12s %12s %7s %12s %7s %6s  %-14s %-14s %-14s\n' scenario tether mosquitto t/m \
+      rumqttd t/r goal "t lost/dup/ord" "m lost/dup/ord" "r lost/dup/ord"
+  else
+    printf '%-28s %12s %12s %7s %6s  %-16s %-16s\n' scenario tether mosquitto ratio goal "t lost/dup/ord" "m lost/dup/ord"
+  fi
+}
+header
+
+# row LABEL KEY GOAL hi|lo [ACC]: one table line from RES_tether, RES_mosquitto (and
+# RES_rumqttd). hi: more is better, ratio tether / other; lo: less is better, other / tether.
+# ACC: the last columns (default lost/dup/reordered of each run; "-" for none).
+row() {
+  local label=$1 key=$2 goal=$3 kind=$4 accs=${5:-acc}
+  local t m r f=ratio
+  t=$(fig "$key" "$RES_tether")
+  m=$(fig "$key" "$RES_mosquitto")
+  [ "$kind" = lo ] && f=inv_ratio
+  local at="" am="" ar=""
+  if [ "$accs" = acc ]; then at=$(acc "$RES_tether") am=$(acc "$RES_mosquitto"); fi
+  if [ "$accs" = conn ]; then
+    at="$(value connected "$RES_tether") conn" am="$(value connected "$RES_mosquitto") conn"
+  fi
+  if has_rumqttd; then
+    r=$(fig "$key" "$RES_rumqttd")
+    if [ "$accs" = acc ]; then ar=$(acc "$RES_rumqttd"); fi
+    if [ "$accs" = conn ]; then ar="$(fig connected "$RES_rumqttd") conn"; fi
+    printf '%-28s %12s %12s %7s %12s %7s %6s  %-14s %-14s %-14s\n' "$label" "$t" "$m" \
+      "$($f "${t/n\/a/}" "${m/n\/a/}")" "$r" "$($f "${t/n\/a/}" "${r/n\/a/}")" "$goal" "$at" "$am" "$ar"
+  else
+    printf '%-28s %12s %12s %7s %6s  %-16s %-16s\n' "$label" "$t" "$m" \
+      "$($f "${t/n\/a/}" "${m/n\/a/}")" "$goal" "$at" "$am"
+  fi
+}
 
 throughput() { # group scenario-args goal
   local group=$1 args=$2 goal=$3
@@ -156,10 +232,7 @@ throughput() { # group scenario-args goal
     for qos in 0 1 2; do
       # shellcheck disable=SC2086
       run "$group" msgs_per_s $args --proto $proto --qos $qos --duration "$DURATION"
-      printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' "$group v$proto q$qos msg/s" \
-        "$(value msgs_per_s "$RES_tether")" "$(value msgs_per_s "$RES_mosquitto")" \
-        "$(ratio "$(value msgs_per_s "$RES_tether")" "$(value msgs_per_s "$RES_mosquitto")")" \
-        ">=$goal" "$(acc "$RES_tether")" "$(acc "$RES_mosquitto")"
+      row "$group v$proto q$qos msg/s" msgs_per_s ">=$goal" hi
     done
   done
 }
@@ -177,40 +250,35 @@ for group in $ONLY; do
       for qos in 0 1; do
         run latency p99_us latency --rate 5000 --duration 4 --proto $proto --qos $qos
         for q in p50_us p99_us p999_us; do
-          printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' "latency v$proto q$qos $q" \
-            "$(value $q "$RES_tether")" "$(value $q "$RES_mosquitto")" \
-            "$(inv_ratio "$(value $q "$RES_tether")" "$(value $q "$RES_mosquitto")")" \
-            "$([ $q = p99_us ] && echo '>=1' || echo '')" "$(acc "$RES_tether")" "$(acc "$RES_mosquitto")"
+          row "latency v$proto q$qos $q" $q "$([ $q = p99_us ] && echo '>=1' || echo '')" lo
         done
       done
     done
     ;;
   cpu)
     run cpu msgs_per_cpu_s fan-in --publishers 8 --qos 1 --rate 20000 --duration 5
-    printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' "cpu fan-in q1 20k msg/cpu-s" \
-      "$(value msgs_per_cpu_s "$RES_tether")" "$(value msgs_per_cpu_s "$RES_mosquitto")" \
-      "$(ratio "$(value msgs_per_cpu_s "$RES_tether")" "$(value msgs_per_cpu_s "$RES_mosquitto")")" \
-      ">=1" "$(acc "$RES_tether")" "$(acc "$RES_mosquitto")"
+    row "cpu fan-in q1 20k msg/cpu-s" msgs_per_cpu_s ">=1" hi
     ;;
   connections)
-    run connections rss_per_conn_b connections --clients "$CLIENTS" --qos 1
-    printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' "connections RSS B/conn" \
-      "$(value rss_per_conn_b "$RES_tether")" "$(value rss_per_conn_b "$RES_mosquitto")" \
-      "$(ratio "$(value rss_per_conn_b "$RES_tether")" "$(value rss_per_conn_b "$RES_mosquitto")")" \
-      "<=2048" "$(value connected "$RES_tether") conn" "$(value connected "$RES_mosquitto") conn"
-    printf '%-26s %12s %12s %7s %6s\n' "connections accept s" \
-      "$(value secs "$RES_tether")" "$(value secs "$RES_mosquitto")" \
-      "$(inv_ratio "$(value secs "$RES_tether")" "$(value secs "$RES_mosquitto")")" ">=1"
+    # CLIENTS idle connections (persistent session, one subscription each), spread over
+    # loopback source addresses past 20,000; then IDLE seconds of nothing; then one QoS 1
+    # message to each client's topic.
+    run connections rss_per_conn_b connections --clients "$CLIENTS" --qos 1 --idle "$IDLE"
+    row "connections RSS B/conn" rss_per_conn_b "<=1536" lo conn
+    row "connections accept s" secs ">=1" lo -
+    row "connections setup p99 ms" setup_p99_ms "" lo -
+    row "connections cpu us/conn" cpu_us_per_conn ">=1" lo -
+    row "connections idle cpu %" idle_cpu_pct "" lo -
+    row "connections deliver-all s" deliver_s "" lo -
     ;;
   sessions)
     run sessions secs sessions --clients "$SESSIONS" --count "$PER_SESSION" --qos 1
-    printf '%-26s %12s %12s %7s %6s  %-16s %-16s\n' "sessions drain s" \
-      "$(value secs "$RES_tether")" "$(value secs "$RES_mosquitto")" \
-      "$(inv_ratio "$(value secs "$RES_tether")" "$(value secs "$RES_mosquitto")")" \
-      ">=1" "$(acc "$RES_tether")" "$(acc "$RES_mosquitto")"
+    row "sessions drain s" secs ">=1" lo
     ;;
   tls-fan-in | tls-connections)
     make_tls
+    # rumqttd: not compared over TLS (its listener would need its own TLS table).
+    BROKERS="tether mosquitto"
     TETHER_ARGS=(-c "$TLS/tether.toml") MOSQ_CONF=$TLS/mosquitto.conf LOAD_EXTRA=(--tls-ca "$TLS/ca.pem")
     if [ $group = tls-fan-in ]; then
       for proto in 3 5; do
@@ -238,7 +306,7 @@ for group in $ONLY; do
       printf '%-26s %12s %12s %7s %6s\n' "tls-connections cpu us/conn" "$CPU_tether" "$CPU_mosquitto" \
         "$(inv_ratio "$CPU_tether" "$CPU_mosquitto")" ">=1"
     fi
-    TETHER_ARGS=() MOSQ_CONF=benches/mosquitto.conf LOAD_EXTRA=()
+    TETHER_ARGS=() MOSQ_CONF=benches/mosquitto.conf LOAD_EXTRA=() BROKERS=$ALL_BROKERS
     ;;
   acl)
     make_acl
@@ -257,10 +325,10 @@ for group in $ONLY; do
       "$(value msgs_per_cpu_s "$RES_tetheracl")" "$(value msgs_per_cpu_s "$RES_tether")" \
       "$(ratio "$(value msgs_per_cpu_s "$RES_tetheracl")" "$(value msgs_per_cpu_s "$RES_tether")")" \
       ">=0.9" "$(acc "$RES_tetheracl")" "$(acc "$RES_tether")"
-    BROKERS="tether mosquitto"
+    BROKERS=$ALL_BROKERS
     ;;
   *) echo "compare: unknown group $group" >&2 ;;
   esac
 done
 echo "(acl rows: tether with a 1,000-rule ACL / tether without one)"
-echo "(ratios: tether / Mosquitto for msg/s, RSS and CPU efficiency; Mosquitto / tether for latency and times, so >= 1 means tether is at least as good; raw lines in $OUT)"
+echo "(ratios t/m, t/r: tether / Mosquitto and tether / rumqttd for msg/s and CPU efficiency; the other broker's / tether's for latency, times, RSS and CPU per connection, so >= 1 means tether is at least as good; n/a: the broker could not run it; raw lines in $OUT)"

@@ -20,15 +20,15 @@
 //! binary runs a smoke test instead: a few tiny scenarios against an in-process tether.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
 use clap::{Parser, ValueEnum};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
@@ -44,6 +44,16 @@ enum Scenario {
     Latency,
     Connections,
     Sessions,
+}
+
+/// Which filter each client of the `connections` scenario subscribes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FilterMode {
+    /// A topic of its own (`load/RUN/c/I`): as many filters in the broker as clients; the
+    /// final delivery publishes one message to each client's topic.
+    Own,
+    /// One topic for all (`load/RUN/all`): the final delivery is one message to everyone.
+    Shared,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -93,6 +103,23 @@ struct Opts {
     /// Connection attempts in progress at once (connections, sessions).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Keep Alive in CONNECT, seconds (0 = none; some brokers, e.g. rumqttd, refuse 0). The
+    /// clients never send PINGREQ, so a broker may close idle ones after 1.5 times this.
+    #[arg(long, default_value_t = 0)]
+    keep_alive: u16,
+    /// connections: loopback source addresses to spread the clients over (127.0.0.2,
+    /// 127.0.0.3, ...; each address has its own ephemeral port range towards the broker).
+    /// Default: one per 20,000 clients; 1 = the kernel's choice (127.0.0.1 towards a
+    /// loopback broker).
+    #[arg(long)]
+    source_addrs: Option<usize>,
+    /// connections: the clients' subscriptions (see the scenario's description).
+    #[arg(long, value_enum, default_value_t = FilterMode::Own)]
+    filter: FilterMode,
+    /// connections: seconds of idling, all connected, over which the broker's CPU is read
+    /// (0 = none).
+    #[arg(long, default_value_t = 5.0)]
+    idle: f64,
     /// Broker pid: its CPU time (utime+stime) and RSS are read from /proc.
     #[arg(long)]
     pid: Option<u32>,
@@ -327,6 +354,9 @@ async fn read_frame(s: &mut Link, buf: &mut BytesMut) -> Result<(u8, BytesMut), 
     }
 }
 
+/// Keep Alive every CONNECT carries (`--keep-alive`).
+static KEEP_ALIVE: OnceLock<u16> = OnceLock::new();
+
 /// Connect and wait for CONNACK; returns the stream, leftover bytes and Session Present.
 async fn connect(
     addr: SocketAddr,
@@ -335,9 +365,23 @@ async fn connect(
     clean: bool,
     expiry: u32,
 ) -> Result<(Link, BytesMut, bool), String> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
+    connect_from(addr, None, v5, client_id, clean, expiry).await
+}
+
+/// [`connect`] from the local address `src` (port chosen by the kernel at connect time).
+async fn connect_from(
+    addr: SocketAddr,
+    src: Option<IpAddr>,
+    v5: bool,
+    client_id: &str,
+    clean: bool,
+    expiry: u32,
+) -> Result<(Link, BytesMut, bool), String> {
+    let tcp = match src {
+        None => TcpStream::connect(addr).await,
+        Some(ip) => tcp_from(ip, addr).await,
+    }
+    .map_err(|e| format!("connect {addr}: {e}"))?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
     let mut s = match TLS.get().and_then(Option::as_ref) {
         None => Link::Tcp(tcp),
@@ -351,7 +395,8 @@ async fn connect(
         }
     };
     let mut out = BytesMut::new();
-    encode_connect(&mut out, v5, client_id, clean, expiry, 0);
+    let keep_alive = KEEP_ALIVE.get().copied().unwrap_or(0);
+    encode_connect(&mut out, v5, client_id, clean, expiry, keep_alive);
     s.write_all(&out).await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(4096);
     let (first, body) = read_frame(&mut s, &mut buf).await?;
@@ -385,6 +430,20 @@ async fn subscribe(
         return Err(format!("SUBACK refused: 0x{code:02x}"));
     }
     Ok(())
+}
+
+/// A TCP connection to `addr` from `src`. The socket is bound with IP_BIND_ADDRESS_NO_PORT,
+/// so the port is picked at connect time, per (source, destination) pair: each source
+/// address gets the whole ephemeral range towards the broker, and bind does not search it.
+async fn tcp_from(src: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = if src.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    sys::bind_address_no_port(&sock);
+    sock.bind(SocketAddr::new(src, 0))?;
+    sock.connect(addr).await
 }
 
 async fn disconnect(mut s: Link) {
@@ -824,6 +883,166 @@ async fn subscriber(
 }
 
 // ---------------------------------------------------------------------------------------------
+// System limits: file descriptors, listen backlog, ephemeral ports
+
+/// The few libc calls the generator needs (no `libc` crate among the dependencies; these
+/// symbols are in the C library every Rust program on Linux links).
+mod sys {
+    #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+    mod ffi {
+        /// `struct rlimit` (rlim_t is 64 bits on 64-bit Linux).
+        #[repr(C)]
+        pub struct RLimit {
+            pub cur: u64,
+            pub max: u64,
+        }
+        pub const RLIMIT_NOFILE: i32 = 7;
+        pub const IPPROTO_IP: i32 = 0;
+        pub const IP_BIND_ADDRESS_NO_PORT: i32 = 24;
+        extern "C" {
+            pub fn getrlimit(resource: i32, rlim: *mut RLimit) -> i32;
+            pub fn setrlimit(resource: i32, rlim: *const RLimit) -> i32;
+            pub fn setsockopt(fd: i32, level: i32, name: i32, val: *const i32, len: u32) -> i32;
+        }
+    }
+
+    /// Raise the soft RLIMIT_NOFILE to the hard limit; returns (soft, hard) afterwards.
+    #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+    pub fn raise_nofile() -> Option<(u64, u64)> {
+        let mut l = ffi::RLimit { cur: 0, max: 0 };
+        // SAFETY: `l` is a valid, writable `struct rlimit`.
+        if unsafe { ffi::getrlimit(ffi::RLIMIT_NOFILE, &mut l) } != 0 {
+            return None;
+        }
+        if l.cur < l.max {
+            let want = ffi::RLimit {
+                cur: l.max,
+                max: l.max,
+            };
+            // SAFETY: `want` is a valid `struct rlimit`; raising the soft limit up to the
+            // hard one needs no privilege.
+            if unsafe { ffi::setrlimit(ffi::RLIMIT_NOFILE, &want) } == 0 {
+                l.cur = l.max;
+            }
+        }
+        Some((l.cur, l.max))
+    }
+
+    #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+    pub fn raise_nofile() -> Option<(u64, u64)> {
+        None
+    }
+
+    /// IP_BIND_ADDRESS_NO_PORT on `sock` (best effort: without it bind picks the port, from
+    /// one range shared by all destinations).
+    pub fn bind_address_no_port(sock: &tokio::net::TcpSocket) {
+        #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+        {
+            use std::os::fd::AsRawFd;
+            let one: i32 = 1;
+            // SAFETY: a valid socket descriptor and a 4-byte int option value.
+            unsafe {
+                ffi::setsockopt(
+                    sock.as_raw_fd(),
+                    ffi::IPPROTO_IP,
+                    ffi::IP_BIND_ADDRESS_NO_PORT,
+                    &one,
+                    4,
+                );
+            }
+        }
+        #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+        let _ = sock;
+    }
+}
+
+/// A number from a /proc/sys file (first field).
+fn proc_sys(path: &str) -> Option<Vec<u64>> {
+    let s = std::fs::read_to_string(path).ok()?;
+    s.split_whitespace().map(|f| f.parse().ok()).collect()
+}
+
+/// Descriptors a scenario holds at once (its connections plus a margin).
+fn fds_needed(o: &Opts) -> u64 {
+    let conns = match o.scenario {
+        Scenario::Connections | Scenario::Sessions => o.clients + 8,
+        Scenario::FanOut => o.subscribers + o.stuck + 1,
+        _ => 2 * o.publishers + o.stuck + 1,
+    };
+    conns as u64 + 64
+}
+
+/// Raise RLIMIT_NOFILE and check the kernel settings a run of many connections depends on:
+/// an error when the descriptors cannot suffice, warnings for the rest.
+fn check_limits(o: &Opts) -> Result<(), String> {
+    let need = fds_needed(o);
+    if let Some((soft, hard)) = sys::raise_nofile() {
+        if soft < need {
+            return Err(format!(
+                "{} connections need about {need} file descriptors, but the limit is {soft} \
+                 (hard limit {hard}; this tool raised the soft limit to the hard one). Raise \
+                 the hard limit, e.g. as root `ulimit -Hn {need}` in the shell that starts \
+                 this tool and the broker (which needs as many), or LimitNOFILE= / \
+                 /etc/security/limits.conf; see README, \"Scale test\"",
+                need - 72,
+            ));
+        }
+    }
+    let burst = o.concurrency.max(1) as u64;
+    if matches!(o.scenario, Scenario::Connections | Scenario::Sessions) {
+        if let Some(m) = proc_sys("/proc/sys/net/core/somaxconn").and_then(|v| v.first().copied()) {
+            if m < burst.max(1024) {
+                eprintln!(
+                    "load: warning: net.core.somaxconn is {m}, low for {burst} connection attempts \
+                     at once (and caps the broker's listen backlog): expect SYN retries and 1 s \
+                     stalls; `sysctl -w net.core.somaxconn=4096`"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The source addresses for `--source-addrs` (empty = let the kernel choose).
+fn sources(o: &Opts) -> Result<Vec<IpAddr>, String> {
+    const PER_SOURCE: usize = 20_000;
+    let n = o
+        .source_addrs
+        .unwrap_or_else(|| o.clients.div_ceil(PER_SOURCE))
+        .max(1);
+    let ports = proc_sys("/proc/sys/net/ipv4/ip_local_port_range")
+        .and_then(|v| Some(v.get(1)?.saturating_sub(*v.first()?) + 1))
+        .unwrap_or(28_232) as usize;
+    let per = o.clients.div_ceil(n);
+    if per > ports * 9 / 10 {
+        return Err(format!(
+            "{per} connections per source address, but net.ipv4.ip_local_port_range has only \
+             {ports} ports: use more --source-addrs (e.g. {})",
+            o.clients.div_ceil(ports * 7 / 10)
+        ));
+    }
+    if n == 1 {
+        return Ok(Vec::new());
+    }
+    match o.addr.ip() {
+        IpAddr::V4(ip) if ip.is_loopback() => {}
+        _ => {
+            return Err(format!(
+                "--source-addrs {n} needs a broker on an IPv4 loopback address (127.x.x.x), \
+                 not {}",
+                o.addr
+            ))
+        }
+    }
+    if n > 250 {
+        return Err("--source-addrs must be at most 250".into());
+    }
+    Ok((0..n)
+        .map(|k| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + k as u8)))
+        .collect())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Broker-side figures from /proc
 
 /// utime + stime of the broker in seconds (clock ticks at the usual 100 Hz).
@@ -1087,56 +1306,183 @@ fn cpu_fields(out: &mut Out, cpu0: Option<f64>, cpu1: Option<f64>, delivered: u6
     }
 }
 
-/// C idle connections, each with a persistent session and one subscription.
+/// What the client tasks of `connections` report as they go.
+struct Tally {
+    /// Clients connected and subscribed / given up.
+    connected: AtomicUsize,
+    failed: AtomicUsize,
+    /// When the last one was done (connected or failed), ns since `base()`.
+    setup_done_ns: AtomicU64,
+    /// Clients that got the final delivery, and when the last one did.
+    received: AtomicUsize,
+    last_rx_ns: AtomicU64,
+    /// Time from the first SYN to the SUBACK, per client.
+    setup: Mutex<Hist>,
+    /// The first few errors, and how many there were.
+    errors: Mutex<Vec<String>>,
+    error_count: AtomicUsize,
+}
+
+impl Tally {
+    fn error(&self, e: String) {
+        self.error_count.fetch_add(1, Ordering::Relaxed);
+        let mut v = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        if v.len() < 10 {
+            v.push(e);
+        }
+    }
+}
+
+/// One idle client of `connections`: connect (persistent session) and subscribe, then wait
+/// for one message (acknowledged), then hold the connection until `stop`.
+#[allow(clippy::too_many_arguments)] // the scenario's settings, passed once per client
+async fn idle_client(
+    addr: SocketAddr,
+    src: Option<IpAddr>,
+    v5: bool,
+    client_id: String,
+    filter: String,
+    qos: u8,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    tally: Arc<Tally>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(SETUP_TIMEOUT, async {
+        let (mut s, mut buf, _) = connect_from(addr, src, v5, &client_id, false, u32::MAX).await?;
+        subscribe(&mut s, &mut buf, v5, &filter, qos).await?;
+        Ok::<_, String>((s, buf))
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("{client_id}: timed out")));
+    drop(permit);
+    let (mut s, mut buf) = match r {
+        Ok(c) => {
+            let us = t0.elapsed().as_nanos() as u64;
+            tally
+                .setup
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .add(us);
+            tally.setup_done_ns.fetch_max(now_ns(), Ordering::Relaxed);
+            tally.connected.fetch_add(1, Ordering::Release);
+            c
+        }
+        Err(e) => {
+            tally.setup_done_ns.fetch_max(now_ns(), Ordering::Relaxed);
+            tally.failed.fetch_add(1, Ordering::Release);
+            tally.error(e);
+            return;
+        }
+    };
+    tokio::select! {
+        r = read_frame(&mut s, &mut buf) => match r {
+            Ok((first, body)) if first >> 4 == 3 => match parse_publish(first, &body, v5) {
+                Ok(m) => {
+                    tally.last_rx_ns.fetch_max(now_ns(), Ordering::Relaxed);
+                    tally.received.fetch_add(1, Ordering::Release);
+                    if m.qos > 0 {
+                        let mut out = BytesMut::new();
+                        encode_ack(&mut out, if m.qos == 1 { 4 } else { 5 }, m.packet_id);
+                        let _ = s.write_all(&out).await;
+                    }
+                }
+                Err(e) => tally.error(format!("{client_id}: {e}")),
+            },
+            Ok((first, _)) => tally.error(format!("{client_id}: unexpected packet type {}", first >> 4)),
+            Err(e) => tally.error(format!("{client_id}: {e}")),
+        },
+        _ = stop.changed() => return,
+    }
+    let _ = stop.changed().await;
+}
+
+/// C idle connections, each with a persistent session and one subscription: time to set them
+/// all up, broker RSS per connection, broker CPU while they idle, then one message to each
+/// (`--filter own`: one publish per client topic; `shared`: one publish for all) and the time
+/// until the last one has it.
 async fn run_connections(o: &Opts) -> Result<Out, String> {
     let run = run_id();
     let v5 = o.v5();
+    let srcs = sources(o)?;
     let rss0 = rss_kib(o.pid);
     let cpu0 = cpu_secs(o.pid);
+    let tally = Arc::new(Tally {
+        connected: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        setup_done_ns: AtomicU64::new(0),
+        received: AtomicUsize::new(0),
+        last_rx_ns: AtomicU64::new(0),
+        setup: Mutex::new(Hist::new()),
+        errors: Mutex::new(Vec::new()),
+        error_count: AtomicUsize::new(0),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let topic = |i: usize| match o.filter {
+        FilterMode::Own => format!("load/{run}/c/{i}"),
+        FilterMode::Shared => format!("load/{run}/all"),
+    };
     let sem = Arc::new(Semaphore::new(o.concurrency.max(1)));
-    let start = Instant::now();
-    let mut tasks = Vec::with_capacity(o.clients);
+    let start_ns = now_ns();
     for i in 0..o.clients {
         let permit = sem
             .clone()
             .acquire_owned()
             .await
             .map_err(|e| e.to_string())?;
-        let (addr, run, qos) = (o.addr, run.clone(), o.qos);
-        tasks.push(tokio::spawn(async move {
-            let r = tokio::time::timeout(SETUP_TIMEOUT, async {
-                let (mut s, mut buf, _) =
-                    connect(addr, v5, &format!("ld-{run}-c{i}"), false, u32::MAX).await?;
-                subscribe(&mut s, &mut buf, v5, &format!("load/{run}/c/{i}"), qos).await?;
-                Ok::<_, String>(s)
-            })
-            .await
-            .unwrap_or_else(|_| Err("timed out".into()));
-            drop(permit);
-            r
-        }));
+        let src = (!srcs.is_empty()).then(|| srcs[i % srcs.len()]);
+        tokio::spawn(idle_client(
+            o.addr,
+            src,
+            v5,
+            format!("ld-{run}-c{i}"),
+            topic(i),
+            o.qos,
+            permit,
+            tally.clone(),
+            stop_rx.clone(),
+        ));
     }
-    let mut conns = Vec::with_capacity(o.clients);
-    let mut errors = Vec::new();
-    for t in tasks {
-        match t.await.map_err(|e| e.to_string())? {
-            Ok(s) => conns.push(s),
-            Err(e) => errors.push(e),
-        }
+    // Every attempt is bounded by SETUP_TIMEOUT.
+    let setup_limit = Instant::now() + SETUP_TIMEOUT + Duration::from_secs(1);
+    while tally.connected.load(Ordering::Acquire) + tally.failed.load(Ordering::Acquire) < o.clients
+        && Instant::now() < setup_limit
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let elapsed = start.elapsed().as_secs_f64();
+    let elapsed = tally
+        .setup_done_ns
+        .load(Ordering::Relaxed)
+        .saturating_sub(start_ns) as f64
+        / 1e9;
     let cpu1 = cpu_secs(o.pid);
+    let connected = tally.connected.load(Ordering::Acquire);
     // Let the broker settle (allocator, lazily grown buffers) before reading its RSS.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss1 = rss_kib(o.pid);
     let mut out = Out::default();
-    out.set("connected", conns.len());
+    out.set("connected", connected);
+    out.set("sources", srcs.len().max(1));
+    out.set("filter", format!("{:?}", o.filter).to_lowercase());
     out.set("secs", format!("{elapsed:.3}"));
-    out.set("conn_per_s", format!("{:.0}", conns.len() as f64 / elapsed));
+    out.set(
+        "conn_per_s",
+        format!("{:.0}", connected as f64 / elapsed.max(1e-9)),
+    );
+    {
+        let h = tally.setup.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, q) in [
+            ("setup_p50_ms", 0.5),
+            ("setup_p99_ms", 0.99),
+            ("setup_max_ms", 1.0),
+        ] {
+            out.set(k, format!("{:.2}", h.quantile(q) as f64 / 1e6));
+        }
+    }
     if let (Some(a), Some(b)) = (rss0, rss1) {
         out.set("rss_before_kib", a);
         out.set("rss_after_kib", b);
-        let n = conns.len().max(1) as f64;
+        let n = connected.max(1) as f64;
         out.set(
             "rss_per_conn_b",
             format!("{:.0}", (b.saturating_sub(a) * 1024) as f64 / n),
@@ -1148,14 +1494,130 @@ async fn run_connections(o: &Opts) -> Result<Out, String> {
     }
     if let (Some(a), Some(b)) = (cpu0, cpu1) {
         out.set("broker_cpu_s", format!("{:.2}", b - a));
+        if connected > 0 {
+            out.set(
+                "cpu_us_per_conn",
+                format!("{:.0}", (b - a) * 1e6 / connected as f64),
+            );
+        }
     }
-    out.set("errors", errors.len());
-    for e in errors.iter().take(3) {
+
+    // Idle: nothing happens on any connection; what does the broker burn?
+    if o.idle > 0.0 {
+        let a = cpu_secs(o.pid);
+        let t = Instant::now();
+        tokio::time::sleep(Duration::from_secs_f64(o.idle)).await;
+        if let (Some(a), Some(b)) = (a, cpu_secs(o.pid)) {
+            let secs = t.elapsed().as_secs_f64();
+            out.set("idle_s", format!("{secs:.1}"));
+            out.set("idle_cpu_pct", format!("{:.2}", (b - a) * 100.0 / secs));
+        }
+    }
+
+    // One message to every client: QoS >= 1, from 1 publisher (shared) or 4 (own topics).
+    let qos = o.qos.max(1);
+    let deliver_limit = Duration::from_secs_f64(o.drain.max(1.0) + o.clients as f64 / 10_000.0);
+    let cfg = Arc::new(PubCfg {
+        v5,
+        qos,
+        payload: o.payload,
+        window: o.window,
+        rate: 0.0,
+        deadline: Instant::now() + Duration::from_secs(600),
+        count: 1,
+        hard_deadline: Instant::now() + SETUP_TIMEOUT + deliver_limit,
+    });
+    let pubs: Vec<Vec<String>> = match o.filter {
+        FilterMode::Shared => vec![vec![topic(0)]],
+        FilterMode::Own => {
+            let n = 4.min(o.clients).max(1);
+            (0..n)
+                .map(|p| {
+                    (p * o.clients / n..(p + 1) * o.clients / n)
+                        .map(topic)
+                        .collect()
+                })
+                .collect()
+        }
+    };
+    // The publishers connect after the idle clients (the broker's RSS and CPU figures above
+    // are theirs alone), so a broker at its connection limit keeps them waiting: bounded.
+    let mut links = Vec::new();
+    for p in 0..pubs.len() {
+        let c = tokio::time::timeout(
+            SETUP_TIMEOUT,
+            connect(o.addr, v5, &format!("ld-{run}-q{p}"), true, 0),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the broker did not accept the publisher's connection in {SETUP_TIMEOUT:?} \
+                 (at its connection limit? it needs {} or more)",
+                o.clients + pubs.len()
+            ))
+        });
+        match c {
+            Ok(c) => links.push(c),
+            Err(e) => {
+                tally.error(format!("publisher: {e}"));
+                break;
+            }
+        }
+    }
+    if links.len() < pubs.len() {
+        links.clear();
+    }
+    let t0 = now_ns();
+    let mut handles = Vec::new();
+    for (p, ((s, buf, _), topics)) in links.into_iter().zip(pubs).enumerate() {
+        handles.push(tokio::spawn(publisher(
+            s,
+            buf,
+            topics,
+            p as u32,
+            cfg.clone(),
+        )));
+    }
+    let limit = Instant::now()
+        + if handles.is_empty() {
+            Duration::ZERO
+        } else {
+            deliver_limit
+        };
+    while tally.received.load(Ordering::Acquire) < connected && Instant::now() < limit {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let received = tally.received.load(Ordering::Acquire);
+    for h in handles {
+        for r in h.await.map_err(|e| e.to_string())? {
+            if let Some(e) = r.error {
+                tally.error(format!("publisher: {e}"));
+            }
+        }
+    }
+    out.set("delivered", received);
+    out.set("lost", connected.saturating_sub(received));
+    if received > 0 {
+        let last = tally.last_rx_ns.load(Ordering::Relaxed);
+        out.set(
+            "deliver_s",
+            format!("{:.3}", last.saturating_sub(t0) as f64 / 1e9),
+        );
+    }
+    let errors = tally.error_count.load(Ordering::Relaxed);
+    out.set("errors", errors);
+    for e in tally
+        .errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .take(3)
+    {
         eprintln!("load: error: {e}");
     }
     // Close them all; the sessions stay in the broker (persistent), which the comparison
     // script throws away by restarting it.
-    drop(conns);
+    let _ = stop_tx.send(true);
     Ok(out)
 }
 
@@ -1349,6 +1811,29 @@ fn human(o: &Out) -> String {
     )
 }
 
+fn human_connections(o: &Out) -> String {
+    let g = |k| o.get(k).unwrap_or("-");
+    format!(
+        "{} connections v{}: {} connected and subscribed in {} s ({} conn/s, p99 {} ms each, \
+         broker CPU {} us each), broker RSS {} B per connection, broker CPU {}% while idle for \
+         {} s; one message to each ({} filter) reached the last of {} in {} s, {} missing",
+        g("label"),
+        g("proto"),
+        g("connected"),
+        g("secs"),
+        g("conn_per_s"),
+        g("setup_p99_ms"),
+        g("cpu_us_per_conn"),
+        g("rss_per_conn_b"),
+        g("idle_cpu_pct"),
+        g("idle_s"),
+        g("filter"),
+        g("delivered"),
+        g("deliver_s"),
+        g("lost"),
+    )
+}
+
 fn runtime(threads: usize) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
@@ -1384,6 +1869,11 @@ fn main() {
         eprintln!("load: {e}");
         std::process::exit(2);
     }
+    if let Err(e) = check_limits(&opts) {
+        eprintln!("load: {e}");
+        std::process::exit(2);
+    }
+    let _ = KEEP_ALIVE.set(opts.keep_alive);
     base();
     let tls = match &opts.tls_ca {
         Some(ca) => match tls_connector(ca) {
@@ -1399,7 +1889,13 @@ fn main() {
     // The whole run is bounded: a watchdog ends the process if anything hangs.
     let limit = Duration::from_secs_f64(
         opts.duration + opts.drain + 2.0 * SETUP_TIMEOUT.as_secs_f64() + 30.0,
-    );
+    ) + match opts.scenario {
+        // Idling, and the final delivery's allowance (see run_connections).
+        Scenario::Connections => {
+            Duration::from_secs_f64(opts.idle.max(0.0) + opts.clients as f64 / 10_000.0)
+        }
+        _ => Duration::ZERO,
+    };
     let watchdog_limit = if opts.count.is_some() {
         Duration::from_secs(900)
     } else {
@@ -1421,8 +1917,10 @@ fn main() {
     finished.store(true, Ordering::Relaxed);
     match result {
         Ok(out) => {
-            if !matches!(opts.scenario, Scenario::Connections | Scenario::Sessions) {
-                println!("{}", human(&out));
+            match opts.scenario {
+                Scenario::Connections => println!("{}", human_connections(&out)),
+                Scenario::Sessions => {}
+                _ => println!("{}", human(&out)),
             }
             println!("{}", out.line());
             // Leave sockets and tasks behind without waiting for them.
@@ -1494,7 +1992,32 @@ fn smoke() {
                 true,
             ),
             (&["latency", "--rate", "2000", "--duration", "0.2"], false),
-            (&["connections", "--clients", "20", "--proto", "5"], false),
+            (
+                &[
+                    "connections",
+                    "--clients",
+                    "20",
+                    "--proto",
+                    "5",
+                    "--idle",
+                    "0.1",
+                ],
+                true,
+            ),
+            (
+                &[
+                    "connections",
+                    "--clients",
+                    "20",
+                    "--filter",
+                    "shared",
+                    "--source-addrs",
+                    "3",
+                    "--idle",
+                    "0",
+                ],
+                true,
+            ),
             (&["sessions", "--clients", "10", "--count", "5"], true),
         ];
         for (args, exact) in cases {
@@ -1510,7 +2033,12 @@ fn smoke() {
             println!("{}", out.line());
             assert_eq!(out.get("errors"), Some("0"), "{args:?}");
             if *exact {
-                for k in ["lost", "dup", "reordered"] {
+                let keys: &[&str] = if o.scenario == Scenario::Connections {
+                    &["lost"]
+                } else {
+                    &["lost", "dup", "reordered"]
+                };
+                for &k in keys {
                     assert_eq!(out.get(k), Some("0"), "{k} in {args:?}");
                 }
             }
