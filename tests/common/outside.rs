@@ -1,10 +1,10 @@
 #![allow(dead_code)]
 //! Outside programs some tests drive (the Mosquitto clients, Node, Chromium). `bash .ci/run`
-//! installs them and sets `TETHER_REQUIRE_OUTSIDE=1`, so in CI a missing one fails the test;
+//! installs them and sets `REQUIRE_OUTSIDE_PROGRAMS=1`, so in CI a missing one fails the test;
 //! elsewhere (a plain `cargo test` on a fresh machine) the test is skipped with a message
 //! naming what to install.
 
-/// Is `program` on the PATH? If not: panics under `TETHER_REQUIRE_OUTSIDE=1`, otherwise prints
+/// Is `program` on the PATH? If not: panics under `REQUIRE_OUTSIDE_PROGRAMS=1`, otherwise prints
 /// why `test` is skipped and returns false (the caller returns).
 pub fn require(test: &str, program: &str, package: &str) -> bool {
     let found = std::env::var_os("PATH")
@@ -25,7 +25,7 @@ pub fn require_browser_packages(test: &str) -> bool {
 
 /// `what` is not installed: fail under `.ci/run`, say why `test` is skipped elsewhere.
 fn missing(test: &str, what: &str) -> bool {
-    if std::env::var_os("TETHER_REQUIRE_OUTSIDE").is_some_and(|v| v == "1") {
+    if std::env::var_os("REQUIRE_OUTSIDE_PROGRAMS").is_some_and(|v| v == "1") {
         panic!("{test} needs {what}, which is not installed");
     }
     eprintln!("SKIPPED {test}: needs {what}; `bash .ci/run` installs it");
