@@ -86,6 +86,14 @@ impl OutBuf {
         }
     }
 
+    /// The first `limit` bytes (or fewer) as one slice when nothing is referenced, the common
+    /// case (short payloads, acknowledgements): a plain write then needs no slice vector.
+    pub fn contiguous(&self, limit: usize) -> Option<&[u8]> {
+        self.chunks
+            .is_empty()
+            .then(|| &self.tail[..limit.min(self.tail.len())])
+    }
+
     /// Fill `slices` with the first `limit` bytes (or fewer); returns how many it filled.
     pub fn io_slices<'a>(&'a self, limit: usize, slices: &mut [IoSlice<'a>]) -> usize {
         let mut left = limit;
@@ -206,7 +214,17 @@ mod tests {
         o.put_payload(&Bytes::from_static(b"short"));
         o.push_chunk(Bytes::from_static(b"EF"));
         o.buf_mut().extend_from_slice(b"gh");
+        assert!(o.contiguous(usize::MAX).is_none());
         o
+    }
+
+    #[test]
+    fn without_chunks_the_output_is_one_slice() {
+        let mut o = OutBuf::new();
+        o.buf_mut().extend_from_slice(b"abc");
+        o.put_payload(&Bytes::from_static(b"short"));
+        assert_eq!(o.contiguous(4), Some(&b"abcs"[..]));
+        assert_eq!(o.contiguous(100), Some(&b"abcshort"[..]));
     }
 
     fn expected() -> Vec<u8> {
