@@ -55,8 +55,8 @@ fn sub(i: usize) -> Sub {
 fn message(n: usize) -> Publish {
     let len = match n % 5 {
         0 => 20,
-        1 => 255,
-        2 => 256,
+        1 => 1023,
+        2 => 1024,
         3 => 3000,
         _ if n % 40 == 4 => 70_000,
         _ => 600,

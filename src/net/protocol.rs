@@ -332,28 +332,53 @@ impl Conn {
     /// `Delivery::shared_header`; a connection using topic aliases changes the topic too): the
     /// caller encodes it by itself. Otherwise whether it was written, as for `send`.
     fn send_shared(&mut self, d: &Delivery, packet_id: u16) -> Option<bool> {
-        if self.aliases_out.max > 0 {
+        if self.aliases_out.max > 0 || !d.shares_header(self.protocol) {
             return None;
         }
-        let header = d.shared_header(self.protocol)?;
-        let size = header.packet_size();
-        if let Some(max) = self.peer_max_packet.filter(|max| size > *max) {
-            debug!(
-                size,
-                max,
-                packet = "PUBLISH",
-                "not sent: larger than the client's maximum"
-            );
-            Stats::incr(&self.broker.stats.dropped_too_large);
-            return Some(false);
+        let written = if Arc::strong_count(&d.msg) == 1 {
+            // No other delivery holds the message (fan-in, one subscriber): a kept header
+            // would serve nobody, so this one is written straight into the output.
+            let m = &d.msg;
+            codec::write_publish_header(
+                &m.topic,
+                &m.properties,
+                m.payload.len(),
+                (false, d.qos, d.retain),
+                packet_id,
+                self.protocol,
+                self.peer_max_packet,
+                self.out.buf_mut(),
+            )
+            .map(|_| ())
+        } else {
+            let header = d.shared_header(self.protocol)?;
+            let (size, max) = (header.packet_size(), self.peer_max_packet);
+            match max.filter(|max| size > *max) {
+                Some(max) => Err(EncodeError::TooLarge { size, max }),
+                None => header.write(self.out.buf_mut(), false, d.qos, d.retain, packet_id),
+            }
+        };
+        match written {
+            Ok(()) => {
+                self.out.put_payload(&d.msg.payload);
+                Some(true)
+            }
+            Err(EncodeError::TooLarge { size, max }) => {
+                debug!(
+                    size,
+                    max,
+                    packet = "PUBLISH",
+                    "not sent: larger than the client's maximum"
+                );
+                Stats::incr(&self.broker.stats.dropped_too_large);
+                Some(false)
+            }
+            Err(e) => {
+                debug!(packet = "PUBLISH", "not sent: cannot encode: {e:?}");
+                Stats::incr(&self.broker.stats.dropped_too_large);
+                Some(false)
+            }
         }
-        if let Err(e) = header.write(self.out.buf_mut(), false, d.qos, d.retain, packet_id) {
-            debug!(packet = "PUBLISH", "not sent: cannot encode: {e:?}");
-            Stats::incr(&self.broker.stats.dropped_too_large);
-            return Some(false);
-        }
-        self.out.put_payload(&d.msg.payload);
-        Some(true)
     }
 
     /// Resolve an inbound topic alias into the topic name (v5 section 3.3.2.3.4).
@@ -880,6 +905,21 @@ mod tests {
                             let own = outbound_publish(&d, id, dup, version, now);
                             let shared = flat(&out);
                             assert_eq!(shared, encoded(&own, version), "{version:?} {qos:?}");
+                            // Written straight, for a message no other delivery shares.
+                            let mut direct = BytesMut::new();
+                            let size = codec::write_publish_header(
+                                &msg.topic,
+                                &msg.properties,
+                                msg.payload.len(),
+                                (dup, qos, retain),
+                                id,
+                                version,
+                                Some(shared.len()),
+                                &mut direct,
+                            )
+                            .expect("fits");
+                            direct.extend_from_slice(&msg.payload);
+                            assert_eq!((size, &direct), (shared.len(), &shared));
                             assert_eq!(header.packet_size(), shared.len());
                             let decoded = decode_all(shared, version);
                             assert_eq!(decoded.len(), 1);
@@ -1022,16 +1062,29 @@ mod tests {
             ] {
                 for qos in QOS {
                     let d = delivery(m, qos, round == 1, ids.clone());
-                    want.push(d.clone());
+                    want.push(outbound_publish(&d, 0, false, version, now));
                     queue(&s, d, &stats);
                 }
+            }
+            // Messages only their delivery holds are written without a kept header.
+            for (qos, len) in QOS.into_iter().zip([0, 33, SHARE_FROM_TEST]) {
+                let props = if round == 0 {
+                    properties()
+                } else {
+                    Default::default()
+                };
+                let solo = message(props, len, now);
+                let d = delivery(&solo, qos, round == 2, vec![]);
+                want.push(outbound_publish(&d, 0, false, version, now));
+                drop(solo);
+                queue(&s, d, &stats);
             }
         }
         c.pump(&mut s, now);
         let got = decode_all(flat(&c.out), version);
         assert_eq!(got.len(), want.len());
         let mut aliases = HashMap::new();
-        for (p, d) in got.iter().zip(&want) {
+        for (p, own) in got.iter().zip(&want) {
             let mut p = p.clone();
             if let Some(alias) = p.properties.topic_alias.take() {
                 // A client resolves aliases: do the same before comparing.
@@ -1041,7 +1094,10 @@ mod tests {
                     aliases.insert(alias, p.topic.clone());
                 }
             }
-            let own = outbound_publish(d, p.packet_id, false, version, now);
+            let own = Publish {
+                packet_id: p.packet_id,
+                ..own.clone()
+            };
             assert_eq!(p, own);
         }
         // The plain message went through its shared headers (QoS 0 and QoS 1/2) unless the
@@ -1091,12 +1147,16 @@ mod tests {
             delivery(&small, QoS::AtLeastOnce, false, vec![]),
             &stats,
         );
+        // The same for a message only its delivery holds (written without a kept header).
+        let solo = message(PublishProperties::default(), 200, now);
+        queue(&s, delivery(&solo, QoS::AtLeastOnce, false, vec![]), &stats);
+        drop(solo);
         c.pump(&mut s, now);
         let got = decode_all(flat(&c.out), ProtocolVersion::V5);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].payload, small.payload);
-        assert_eq!(Stats::get(&c.broker.stats.dropped_too_large), 1);
-        // The dropped one waits for no acknowledgement.
+        assert_eq!(Stats::get(&c.broker.stats.dropped_too_large), 2);
+        // The dropped ones wait for no acknowledgement.
         assert_eq!(s.inflight_len(), 1);
     }
 }

@@ -124,12 +124,13 @@ impl Stream {
     ) -> Poll<io::Result<Io>> {
         let limit = limit.min(out.len());
         if limit > 0 {
-            let mut slices = [IoSlice::new(&[]); out::MAX_SLICES];
-            let n = out.io_slices(limit, &mut slices);
-            let written = if n == 1 {
-                Pin::new(&mut *self).poll_write(cx, &slices[0])
-            } else {
-                Pin::new(&mut *self).poll_write_vectored(cx, &slices[..n])
+            let written = match out.contiguous(limit) {
+                Some(bytes) => Pin::new(&mut *self).poll_write(cx, bytes),
+                None => {
+                    let mut slices = [IoSlice::new(&[]); out::MAX_SLICES];
+                    let n = out.io_slices(limit, &mut slices);
+                    Pin::new(&mut *self).poll_write_vectored(cx, &slices[..n])
+                }
             };
             if let Poll::Ready(r) = written {
                 return Poll::Ready(r.map(Io::Wrote));

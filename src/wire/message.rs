@@ -59,29 +59,13 @@ impl EncodedHeaders {
         let slots = self.slots.get_or_init(Default::default);
         slots[slot]
             .get_or_init(|| {
-                let properties = if version.is_v5() {
-                    &msg.properties
-                } else {
-                    // 3.1.1 has no properties: an empty set keeps the encoder from looking.
-                    &EMPTY_PROPERTIES
-                };
-                PublishHeader::encode(&msg.topic, properties, msg.payload.len(), with_id, version)
-                    .ok()
+                // 3.1.1 headers have no properties: the encoder leaves them out.
+                let (topic, len) = (&msg.topic, msg.payload.len());
+                PublishHeader::encode(topic, &msg.properties, len, with_id, version).ok()
             })
             .as_ref()
     }
 }
-
-static EMPTY_PROPERTIES: PublishProperties = PublishProperties {
-    payload_format_indicator: None,
-    message_expiry_interval: None,
-    topic_alias: None,
-    response_topic: None,
-    correlation_data: None,
-    user_properties: Vec::new(),
-    subscription_identifiers: Vec::new(),
-    content_type: None,
-};
 
 impl Clone for EncodedHeaders {
     fn clone(&self) -> EncodedHeaders {
@@ -212,17 +196,22 @@ impl Delivery {
     /// which shows the time left when it is sent), so it must be encoded by itself. A Topic
     /// Alias belongs to the connection, which checks for it.
     pub fn shared_header(&self, version: ProtocolVersion) -> Option<&PublishHeader> {
-        let p = &self.msg.properties;
-        if version.is_v5()
-            && (!self.subscription_ids.is_empty()
-                || self.msg.expires_at.is_some()
-                || !p.subscription_identifiers.is_empty()
-                || p.topic_alias.is_some())
-        {
+        if !self.shares_header(version) {
             return None;
         }
         self.msg
             .encoded
             .get(&self.msg, version, self.qos != QoS::AtMostOnce)
+    }
+
+    /// Whether this delivery's PUBLISH is the message's shared header with its own flags and
+    /// packet id, followed by the payload (see `shared_header`).
+    pub fn shares_header(&self, version: ProtocolVersion) -> bool {
+        let p = &self.msg.properties;
+        !(version.is_v5()
+            && (!self.subscription_ids.is_empty()
+                || self.msg.expires_at.is_some()
+                || !p.subscription_identifiers.is_empty()
+                || p.topic_alias.is_some()))
     }
 }

@@ -19,7 +19,7 @@ mod wire;
 #[cfg(test)]
 mod tests;
 
-pub use shared::PublishHeader;
+pub use shared::{write_publish_header, PublishHeader};
 
 use crate::wire::packet::{Packet, ProtocolVersion, ReasonCode};
 use bytes::{Buf, BufMut, Bytes, BytesMut};

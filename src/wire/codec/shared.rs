@@ -10,6 +10,44 @@ use super::wire::{begin_len, end_len, vbi_len};
 use super::EncodeError;
 use crate::wire::packet::{ProtocolVersion, PublishProperties, QoS};
 
+/// Append one delivery's PUBLISH header straight to `out`, keeping nothing: for a message no
+/// other delivery will share (encoding it to keep would cost an allocation for nobody). The
+/// same bytes as a `PublishHeader` written with these flags; returns the size of the whole
+/// packet. Nothing is appended when it fails, or when the packet would exceed `max`.
+#[allow(clippy::too_many_arguments)] // the fields of one PUBLISH, without building one
+pub fn write_publish_header(
+    topic: &str,
+    properties: &PublishProperties,
+    payload_len: usize,
+    (dup, qos, retain): (bool, QoS, bool),
+    packet_id: u16,
+    version: ProtocolVersion,
+    max: Option<usize>,
+    out: &mut BytesMut,
+) -> Result<usize, EncodeError> {
+    let start = out.len();
+    let written = (|| {
+        let id = match qos {
+            QoS::AtMostOnce => None,
+            _ if packet_id == 0 => return Err(EncodeError::Invalid("packet identifier 0")),
+            _ => Some(packet_id),
+        };
+        out.put_u8(first_byte(dup, qos, retain));
+        let len_pos = begin_len(out);
+        encode_publish_fields(topic, id, properties, version, out)?;
+        end_len(out, len_pos, payload_len)?;
+        let size = out.len() - start + payload_len;
+        match max {
+            Some(max) if size > max => Err(EncodeError::TooLarge { size, max }),
+            _ => Ok(size),
+        }
+    })();
+    if written.is_err() {
+        out.truncate(start);
+    }
+    written
+}
+
 /// A PUBLISH fixed header, topic, packet id slot and (v5) properties, encoded for one payload
 /// length. Which deliveries may share it is the caller's to decide: only those whose PUBLISH
 /// would carry exactly these properties (no Subscription Identifiers, no Message Expiry
