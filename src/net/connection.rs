@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, field, info, info_span, warn, Instrument};
 
@@ -21,7 +21,7 @@ use crate::broker::Broker;
 use crate::net::protocol::{Conn, Exit};
 use crate::session::inspect::SessionInfo;
 use crate::session::mailbox::{Mailbox, MailboxAcl};
-use crate::session::registry::{Claim, Control, Parked};
+use crate::session::registry::{control_channel, Claim, Control, ControlRx, ControlTx, Parked};
 use crate::session::{Session, EXPIRY_NEVER};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -354,7 +354,7 @@ async fn start(
         return None;
     }
 
-    let (control_tx, control_rx) = mpsc::channel::<Control>(4);
+    let (control_tx, control_rx) = control_channel();
     let Some((generation, old)) = Box::pin(claim(broker, &client_id, &control_tx)).await else {
         warn!("takeover of the existing session did not complete in time; refusing");
         refuse(
@@ -506,11 +506,11 @@ struct Ready {
     conn: Conn,
     /// Kept for the connection's life, as before the split: the registry's copy may go
     /// (a takeover replaces it) while this task still reads its requests.
-    control_tx: mpsc::Sender<Control>,
+    control_tx: ControlTx,
     stream: Stream,
     inbuf: BytesMut,
     session: Box<Session>,
-    control_rx: mpsc::Receiver<Control>,
+    control_rx: ControlRx,
     held: Held,
     shutdown: Shutdown,
 }
@@ -718,7 +718,7 @@ fn keep_alive(connect: &Connect, broker: &Broker) -> (u16, bool) {
 async fn claim(
     broker: &Broker,
     client_id: &Arc<str>,
-    control: &mpsc::Sender<Control>,
+    control: &ControlTx,
 ) -> Option<(u64, Option<Box<Session>>)> {
     let deadline =
         Instant::now() + Duration::from_secs(broker.config.session.takeover_timeout_secs);
@@ -842,7 +842,7 @@ async fn main_loop(
     stream: &mut Stream,
     inbuf: &mut BytesMut,
     session: &mut Session,
-    control_rx: &mut mpsc::Receiver<Control>,
+    control_rx: &mut ControlRx,
     shutdown: &mut Shutdown,
     held: &mut Held,
 ) -> Exit {
@@ -1048,7 +1048,7 @@ fn finish(
     stream: Stream,
     session: Box<Session>,
     exit: Exit,
-    control_rx: mpsc::Receiver<Control>,
+    control_rx: ControlRx,
     held: Held,
     shutdown: Shutdown,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
@@ -1062,7 +1062,7 @@ async fn finish_now(
     mut stream: Stream,
     mut session: Box<Session>,
     exit: Exit,
-    mut control_rx: mpsc::Receiver<Control>,
+    mut control_rx: ControlRx,
     mut held: Held,
     mut shutdown: Shutdown,
 ) {
