@@ -1214,3 +1214,78 @@ async fn finish_now(
     // which still holds its slot of the listener's connection limit.
     linger_close(&mut stream, &mut shutdown, LINGER).await;
 }
+
+/// The sizes the README's memory table states (section "Memory per session and per
+/// connection"). A change that grows one fails here and has to update the README on purpose.
+#[cfg(test)]
+mod sizes {
+    use std::mem::{size_of, size_of_val};
+
+    use super::*;
+    use crate::routing::router::SubEntry;
+    use crate::session::expiry::Timer;
+    use crate::session::registry::Slot;
+    use crate::wire::packet::ProtocolVersion;
+
+    /// Bytes the README states, with the serve future as this (test) build lays it out; the
+    /// release layout is smaller (README).
+    const SESSION: usize = 96;
+    const MAILBOX: usize = 104;
+    const SLOT: usize = 32;
+    const TIMER: usize = 32;
+    const SUB_ENTRY: usize = 24;
+    const CONN: usize = 328;
+    const SERVE_FUTURE_DEBUG: usize = 1736;
+    const SERVE_FUTURE_RELEASE: usize = 1704;
+
+    #[tokio::test]
+    async fn parked_session_mailbox_and_connection_stay_as_small_as_the_readme_says() {
+        assert!(
+            size_of::<Session>() <= SESSION,
+            "Session {}",
+            size_of::<Session>()
+        );
+        assert!(
+            size_of::<Mailbox>() <= MAILBOX,
+            "Mailbox {}",
+            size_of::<Mailbox>()
+        );
+        assert!(size_of::<Slot>() <= SLOT, "Slot {}", size_of::<Slot>());
+        assert!(size_of::<Timer>() <= TIMER, "Timer {}", size_of::<Timer>());
+        assert!(
+            size_of::<SubEntry>() <= SUB_ENTRY,
+            "SubEntry {}",
+            size_of::<SubEntry>()
+        );
+        assert!(size_of::<Conn>() <= CONN, "Conn {}", size_of::<Conn>());
+
+        // A parked session holds no window, no queue and no will on the heap.
+        let broker = Broker::new(Arc::new(crate::config::Config::default()));
+        let mut s = broker.new_session("c".into(), ProtocolVersion::V5, 60);
+        s.shrink();
+        assert_eq!(s.inflight_len() + s.inbound_qos2_len() + s.mailbox.len(), 0);
+
+        // The task of one connection: what `serve` is, as the acceptor spawns it.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let _client = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (tcp, peer) = l.accept().await.expect("accept");
+        let spec = broker.config.listener_specs().remove(0);
+        let endpoint = Arc::new(Endpoint::new(spec).expect("plain endpoint"));
+        let (_stop, shutdown) = Shutdown::new();
+        let serve = serve(tcp, peer, broker.clone(), shutdown, endpoint);
+        let limit = if cfg!(debug_assertions) {
+            SERVE_FUTURE_DEBUG
+        } else {
+            SERVE_FUTURE_RELEASE
+        };
+        assert!(
+            size_of_val(&serve) <= limit,
+            "serve future {}",
+            size_of_val(&serve)
+        );
+    }
+}
