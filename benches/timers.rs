@@ -19,9 +19,8 @@ use harness::{black_box, count_label, Harness, Rng};
 use tether::broker::Broker;
 use tether::config::Config;
 use tether::session::expiry::{Timer, TimerKind, Timers};
-use tether::session::registry::{Claim, Control, Parked, Registry};
+use tether::session::registry::{Claim, Parked, Registry};
 use tether::wire::packet::ProtocolVersion;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Session expiry used for parked sessions: long enough never to fire during a run.
@@ -142,7 +141,11 @@ fn parked_registry(broker: &Broker, registry: &Registry, ids: &[Arc<str>]) {
 
 /// Claim (resume) a parked session and park it again: one reconnect of a persistent client
 /// without a takeover, as the registry sees it.
-fn resume_and_park(registry: &Registry, id: &Arc<str>, control: &mpsc::Sender<Control>) {
+fn resume_and_park(
+    registry: &Registry,
+    id: &Arc<str>,
+    control: &tether::session::registry::ControlTx,
+) {
     let Claim::Resumed {
         generation,
         session,
@@ -168,7 +171,7 @@ fn bench_registry(h: &mut Harness, parked: usize) {
     let registry = Registry::new();
     let ids = client_ids("c", parked);
     parked_registry(&broker, &registry, &ids);
-    let (control, _rx) = mpsc::channel::<Control>(1);
+    let (control, _rx) = tether::session::registry::control_channel();
 
     let mut rng = Rng(0x5151_5151_5151_5151);
     h.bench(&names[0], || {
@@ -228,7 +231,7 @@ fn bench_registry(h: &mut Harness, parked: usize) {
 /// Clean session (expiry 0): claim, new session, park (which ends it), end_session.
 fn bench_clean_cycle(h: &mut Harness) {
     let broker = Broker::new(Arc::new(Config::default()));
-    let (control, _rx) = mpsc::channel::<Control>(1);
+    let (control, _rx) = tether::session::registry::control_channel();
     let id: Arc<str> = Arc::from("clean");
     h.bench(
         "broker clean connect+disconnect (claim..end_session)",

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use tether::broker::Broker;
 use tether::config::{Config, OverflowPolicy};
-use tether::session::registry::{Claim, Control, Parked};
+use tether::session::registry::{Claim, Parked};
 use tether::session::EXPIRY_NEVER;
 use tether::stats::Stats;
 use tether::wire::packet::{Packet, ProtocolVersion, Publish, QoS, ReasonCode};
@@ -830,7 +830,7 @@ async fn persistent_session_lifetime_paused_time() {
     // At t0+5 "c" is resumed and parked again: its deadline moves to t0+15.
     tokio::time::advance(Duration::from_secs(5)).await;
     settle().await;
-    let (tx, _rx) = mpsc::channel::<Control>(4);
+    let (tx, _rx) = tether::session::registry::control_channel();
     let Claim::Resumed {
         generation,
         session,

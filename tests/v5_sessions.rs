@@ -13,12 +13,12 @@ use common::*;
 use tether::broker::Broker;
 use tether::config::Config;
 use tether::routing::router::SubEntry;
-use tether::session::registry::{Claim, Control};
+use tether::session::registry::Claim;
 use tether::session::{Session, Subscription, EXPIRY_NEVER};
 use tether::shutdown::Shutdown;
 use tether::stats::Stats;
 use tether::wire::packet::{Packet, ProtocolVersion, QoS, ReasonCode, RetainHandling};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 
 /// Short window for "nothing (more) arrives".
@@ -475,7 +475,7 @@ async fn will_delay_resume_before_delay_cancels_the_will_paused() {
     rig.park("wr", 10, Some(2), t0);
     tokio::time::sleep_until(t0 + Duration::from_secs(1)).await;
     settle().await;
-    let (tx, _rx) = mpsc::channel::<Control>(4);
+    let (tx, _rx) = tether::session::registry::control_channel();
     let session = match rig.broker.registry.claim(&"wr".into(), &tx) {
         Claim::Resumed { session, .. } => session,
         other => panic!("expected the parked session, got {other:?}"),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, field, info, info_span, warn, Instrument};
 
@@ -22,7 +22,7 @@ use crate::net::protocol::{Conn, Exit};
 use crate::session::inspect::SessionInfo;
 use crate::session::journal::{self, Durable, ImageKind, Journal, SessionJournal};
 use crate::session::mailbox::{Mailbox, MailboxAcl};
-use crate::session::registry::{Claim, Control, Parked};
+use crate::session::registry::{control_channel, Claim, Control, ControlRx, ControlTx, Parked};
 use crate::session::{Session, EXPIRY_NEVER};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -350,7 +350,7 @@ async fn start(
         return None;
     }
 
-    let (control_tx, control_rx) = mpsc::channel::<Control>(4);
+    let (control_tx, control_rx) = control_channel();
     let Some((generation, old)) = Box::pin(claim(broker, &client_id, &control_tx)).await else {
         warn!("takeover of the existing session did not complete in time; refusing");
         refuse(
@@ -499,11 +499,11 @@ struct Ready {
     conn: Conn,
     /// Kept for the connection's life, as before the split: the registry's copy may go
     /// (a takeover replaces it) while this task still reads its requests.
-    control_tx: mpsc::Sender<Control>,
+    control_tx: ControlTx,
     stream: Stream,
     inbuf: BytesMut,
     session: Box<Session>,
-    control_rx: mpsc::Receiver<Control>,
+    control_rx: ControlRx,
     held: Held,
     shutdown: Shutdown,
 }
@@ -711,7 +711,7 @@ fn keep_alive(connect: &Connect, broker: &Broker) -> (u16, bool) {
 async fn claim(
     broker: &Broker,
     client_id: &Arc<str>,
-    control: &mpsc::Sender<Control>,
+    control: &ControlTx,
 ) -> Option<(u64, Option<Box<Session>>)> {
     let deadline =
         Instant::now() + Duration::from_secs(broker.config.session.takeover_timeout_secs);
@@ -847,7 +847,7 @@ async fn main_loop(
     stream: &mut Stream,
     inbuf: &mut BytesMut,
     session: &mut Session,
-    control_rx: &mut mpsc::Receiver<Control>,
+    control_rx: &mut ControlRx,
     shutdown: &mut Shutdown,
     held: &mut Held,
 ) -> Exit {
@@ -1047,7 +1047,7 @@ fn finish(
     stream: Stream,
     session: Box<Session>,
     exit: Exit,
-    control_rx: mpsc::Receiver<Control>,
+    control_rx: ControlRx,
     held: Held,
     shutdown: Shutdown,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
@@ -1061,7 +1061,7 @@ async fn finish_now(
     mut stream: Stream,
     mut session: Box<Session>,
     exit: Exit,
-    mut control_rx: mpsc::Receiver<Control>,
+    mut control_rx: ControlRx,
     mut held: Held,
     mut shutdown: Shutdown,
 ) {
@@ -1207,4 +1207,79 @@ async fn finish_now(
     // The session is parked or handed over already: lingering delays nobody but this task,
     // which still holds its slot of the listener's connection limit.
     linger_close(&mut stream, &mut shutdown, LINGER).await;
+}
+
+/// The sizes the README's memory table states (section "Memory per session and per
+/// connection"). A change that grows one fails here and has to update the README on purpose.
+#[cfg(test)]
+mod sizes {
+    use std::mem::{size_of, size_of_val};
+
+    use super::*;
+    use crate::routing::router::SubEntry;
+    use crate::session::expiry::Timer;
+    use crate::session::registry::Slot;
+    use crate::wire::packet::ProtocolVersion;
+
+    /// Bytes the README states, with the serve future as this (test) build lays it out; the
+    /// release layout is smaller (README).
+    const SESSION: usize = 96;
+    const MAILBOX: usize = 104;
+    const SLOT: usize = 32;
+    const TIMER: usize = 32;
+    const SUB_ENTRY: usize = 24;
+    const CONN: usize = 328;
+    const SERVE_FUTURE_DEBUG: usize = 1736;
+    const SERVE_FUTURE_RELEASE: usize = 1704;
+
+    #[tokio::test]
+    async fn parked_session_mailbox_and_connection_stay_as_small_as_the_readme_says() {
+        assert!(
+            size_of::<Session>() <= SESSION,
+            "Session {}",
+            size_of::<Session>()
+        );
+        assert!(
+            size_of::<Mailbox>() <= MAILBOX,
+            "Mailbox {}",
+            size_of::<Mailbox>()
+        );
+        assert!(size_of::<Slot>() <= SLOT, "Slot {}", size_of::<Slot>());
+        assert!(size_of::<Timer>() <= TIMER, "Timer {}", size_of::<Timer>());
+        assert!(
+            size_of::<SubEntry>() <= SUB_ENTRY,
+            "SubEntry {}",
+            size_of::<SubEntry>()
+        );
+        assert!(size_of::<Conn>() <= CONN, "Conn {}", size_of::<Conn>());
+
+        // A parked session holds no window, no queue and no will on the heap.
+        let broker = Broker::new(Arc::new(crate::config::Config::default()));
+        let mut s = broker.new_session("c".into(), ProtocolVersion::V5, 60);
+        s.shrink();
+        assert_eq!(s.inflight_len() + s.inbound_qos2_len() + s.mailbox.len(), 0);
+
+        // The task of one connection: what `serve` is, as the acceptor spawns it.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let _client = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (tcp, peer) = l.accept().await.expect("accept");
+        let spec = broker.config.listener_specs().remove(0);
+        let endpoint = Arc::new(Endpoint::new(spec).expect("plain endpoint"));
+        let (_stop, shutdown) = Shutdown::new();
+        let serve = serve(tcp, peer, broker.clone(), shutdown, endpoint);
+        let limit = if cfg!(debug_assertions) {
+            SERVE_FUTURE_DEBUG
+        } else {
+            SERVE_FUTURE_RELEASE
+        };
+        assert!(
+            size_of_val(&serve) <= limit,
+            "serve future {}",
+            size_of_val(&serve)
+        );
+    }
 }

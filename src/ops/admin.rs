@@ -12,14 +12,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 
 use crate::broker::Broker;
 use crate::ops::http::{self, Request, Response};
 use crate::session::inspect::SessionInfo;
-use crate::session::registry::{Control, Slot};
+use crate::session::registry::{Control, ControlTx, Slot};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::wire::message::Message;
@@ -40,7 +40,7 @@ const SETTLE: Duration = Duration::from_millis(10);
 /// What a slot looked like at one moment.
 enum Probe {
     Offline(SessionInfo),
-    Online(mpsc::Sender<Control>),
+    Online(ControlTx),
     Changing,
 }
 
@@ -74,7 +74,7 @@ pub enum Lookup<T> {
 }
 
 /// Ask an owning connection task for its view, within `deadline`.
-async fn ask(control: &mpsc::Sender<Control>, deadline: Instant) -> Option<SessionInfo> {
+async fn ask(control: &ControlTx, deadline: Instant) -> Option<SessionInfo> {
     let (tx, rx) = oneshot::channel();
     timeout_at(deadline, control.send(Control::Snapshot(tx)))
         .await

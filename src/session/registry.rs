@@ -9,13 +9,15 @@
 //! actions (expiry timers, a parking connection) name the generation they were made for and do
 //! nothing when the slot has moved on.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::session::expiry::{Deadline, Timer, TimerKind, Timers};
@@ -36,6 +38,147 @@ pub enum Control {
     Kick,
 }
 
+/// Requests a connection task takes at once; a takeover, an admin view and a kick all fit.
+const CONTROL_CAPACITY: usize = 4;
+
+/// A connection task's control channel: at most `CONTROL_CAPACITY` queued requests, for a task
+/// that hardly ever gets one. One small allocation; a tokio mpsc channel would allocate its
+/// first block of 32 slots and a cache-padded shared state, about 1 KiB per connection.
+pub fn control_channel() -> (ControlTx, ControlRx) {
+    let shared = Arc::new(Mutex::new(ControlState {
+        queue: VecDeque::new(),
+        senders: 1,
+        receiving: true,
+        waiter: None,
+    }));
+    (ControlTx(shared.clone()), ControlRx(shared))
+}
+
+#[derive(Debug)]
+struct ControlState {
+    queue: VecDeque<Control>,
+    senders: usize,
+    receiving: bool,
+    waiter: Option<Waker>,
+}
+
+fn lock_control(m: &Mutex<ControlState>) -> MutexGuard<'_, ControlState> {
+    // Every critical section is a push or a pop: a panic inside cannot leave it half done.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why a request was not queued.
+#[derive(Debug)]
+pub enum TrySendError {
+    /// The task has `CONTROL_CAPACITY` requests waiting already.
+    Full(Control),
+    /// The task is gone.
+    Closed(Control),
+}
+
+/// The sending side, kept in the registry slot (and by the admin API while it asks).
+#[derive(Debug)]
+pub struct ControlTx(Arc<Mutex<ControlState>>);
+
+impl Clone for ControlTx {
+    fn clone(&self) -> ControlTx {
+        lock_control(&self.0).senders += 1;
+        ControlTx(self.0.clone())
+    }
+}
+
+impl Drop for ControlTx {
+    fn drop(&mut self) {
+        let waiter = {
+            let mut s = lock_control(&self.0);
+            s.senders -= 1;
+            if s.senders == 0 {
+                s.waiter.take()
+            } else {
+                None
+            }
+        };
+        if let Some(w) = waiter {
+            w.wake();
+        }
+    }
+}
+
+impl ControlTx {
+    /// Queue `c` if there is room.
+    pub fn try_send(&self, c: Control) -> Result<(), TrySendError> {
+        let waiter = {
+            let mut s = lock_control(&self.0);
+            if !s.receiving {
+                return Err(TrySendError::Closed(c));
+            }
+            if s.queue.len() >= CONTROL_CAPACITY {
+                return Err(TrySendError::Full(c));
+            }
+            s.queue.push_back(c);
+            s.waiter.take()
+        };
+        if let Some(w) = waiter {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// Queue `c`, waiting for room; `Err` gives it back when the task is gone. Only the admin
+    /// API waits (under its own deadline), and a full channel is rare: it polls for room
+    /// rather than keeping a waiter list in every channel.
+    pub async fn send(&self, mut c: Control) -> Result<(), Control> {
+        loop {
+            match self.try_send(c) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Closed(back)) => return Err(back),
+                Err(TrySendError::Full(back)) => {
+                    c = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The receiving side, kept by the connection task.
+#[derive(Debug)]
+pub struct ControlRx(Arc<Mutex<ControlState>>);
+
+impl ControlRx {
+    /// The next request; `None` once every sender is gone and nothing is queued.
+    pub async fn recv(&mut self) -> Option<Control> {
+        std::future::poll_fn(|cx| {
+            let mut s = lock_control(&self.0);
+            if let Some(c) = s.queue.pop_front() {
+                return Poll::Ready(Some(c));
+            }
+            if s.senders == 0 {
+                return Poll::Ready(None);
+            }
+            if !s.waiter.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                s.waiter = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl Drop for ControlRx {
+    fn drop(&mut self) {
+        // Queued requests go with the task, as with a dropped mpsc receiver: their askers see
+        // their reply channels closed.
+        let queued = {
+            let mut s = lock_control(&self.0);
+            s.receiving = false;
+            s.waiter = None;
+            std::mem::take(&mut s.queue)
+        };
+        drop(queued);
+    }
+}
+
 /// Who holds a Client ID's session.
 #[derive(Debug)]
 pub enum Slot {
@@ -44,7 +187,7 @@ pub enum Slot {
         /// Generation of the owning connection.
         generation: u64,
         /// The owning task's control channel.
-        control: mpsc::Sender<Control>,
+        control: ControlTx,
     },
     /// No connection: the session is parked here as plain data until it is resumed or expires.
     Offline {
@@ -62,7 +205,7 @@ pub enum Slot {
         /// Generation of the waiting connection.
         generation: u64,
         /// The owner being asked, restored if the takeover is abandoned.
-        previous: (u64, mpsc::Sender<Control>),
+        previous: (u64, ControlTx),
     },
 }
 
@@ -129,7 +272,7 @@ impl Registry {
     }
 
     /// Claim `client_id` for a new connection whose control channel is `control`.
-    pub fn claim(&self, client_id: &Arc<str>, control: &mpsc::Sender<Control>) -> Claim {
+    pub fn claim(&self, client_id: &Arc<str>, control: &ControlTx) -> Claim {
         let generation = self.generation();
         match self.slots.entry(client_id.clone()) {
             Entry::Vacant(v) => {
@@ -161,8 +304,8 @@ impl Registry {
                                 reply: rx,
                             }
                         }
-                        Err(mpsc::error::TrySendError::Full(_)) => Claim::Busy,
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                        Err(TrySendError::Full(_)) => Claim::Busy,
+                        Err(TrySendError::Closed(_)) => {
                             // The owner is gone without parking (it cannot, short of a
                             // panic): its session state is lost with it.
                             o.insert(Slot::Online {
@@ -203,12 +346,7 @@ impl Registry {
 
     /// After a `Claim::Wait` delivered the session: make the slot ours. False when the slot
     /// no longer names our takeover (cannot happen while we hold it TakingOver, but checked).
-    pub fn install(
-        &self,
-        client_id: &Arc<str>,
-        generation: u64,
-        control: &mpsc::Sender<Control>,
-    ) -> bool {
+    pub fn install(&self, client_id: &Arc<str>, generation: u64, control: &ControlTx) -> bool {
         match self.slots.get_mut(client_id) {
             Some(mut slot) if matches!(*slot, Slot::TakingOver { generation: g, .. } if g == generation) =>
             {
@@ -493,8 +631,42 @@ mod tests {
         Box::new(Session::new(id.into(), ProtocolVersion::V311, mb, expiry))
     }
 
-    fn control() -> (mpsc::Sender<Control>, mpsc::Receiver<Control>) {
-        mpsc::channel(4)
+    fn control() -> (ControlTx, ControlRx) {
+        control_channel()
+    }
+
+    #[tokio::test]
+    async fn control_channel_queues_four_wakes_the_reader_and_closes_both_ways() {
+        let (tx, mut rx) = control_channel();
+        let reader = tokio::spawn(async move {
+            let first = rx.recv().await;
+            (first, rx)
+        });
+        tokio::task::yield_now().await;
+        assert!(tx.try_send(Control::Kick).is_ok());
+        let (first, mut rx) = reader.await.unwrap();
+        assert!(matches!(first, Some(Control::Kick)));
+        for _ in 0..CONTROL_CAPACITY {
+            assert!(tx.try_send(Control::Kick).is_ok());
+        }
+        assert!(matches!(
+            tx.try_send(Control::Kick),
+            Err(TrySendError::Full(_))
+        ));
+        let other = tx.clone();
+        drop(tx);
+        for _ in 0..CONTROL_CAPACITY {
+            assert!(matches!(rx.recv().await, Some(Control::Kick)));
+        }
+        drop(other);
+        assert!(rx.recv().await.is_none(), "every sender gone");
+        let (tx, rx) = control_channel();
+        drop(rx);
+        assert!(matches!(
+            tx.try_send(Control::Kick),
+            Err(TrySendError::Closed(_))
+        ));
+        assert!(tx.send(Control::Kick).await.is_err());
     }
 
     #[tokio::test]
