@@ -1228,9 +1228,9 @@ mod sizes {
     const SLOT: usize = 32;
     const TIMER: usize = 32;
     const SUB_ENTRY: usize = 24;
-    const CONN: usize = 328;
-    const SERVE_FUTURE_DEBUG: usize = 1736;
-    const SERVE_FUTURE_RELEASE: usize = 1704;
+    const CONN: usize = 368;
+    const SERVE_FUTURE_DEBUG: usize = 1792;
+    const SERVE_FUTURE_RELEASE: usize = 1760;
 
     #[tokio::test]
     async fn parked_session_mailbox_and_connection_stay_as_small_as_the_readme_says() {
