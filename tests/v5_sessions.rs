@@ -18,7 +18,6 @@ use tether::session::{Session, Subscription, EXPIRY_NEVER};
 use tether::shutdown::Shutdown;
 use tether::stats::Stats;
 use tether::wire::packet::{Packet, ProtocolVersion, QoS, ReasonCode, RetainHandling};
-use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 
 /// Short window for "nothing (more) arrives".
@@ -44,7 +43,7 @@ fn secs_to_next_deadline(broker: &Broker) -> Option<f64> {
 struct Rig {
     broker: Arc<Broker>,
     observer: Box<Session>,
-    _stop: watch::Sender<bool>,
+    _stop: tether::shutdown::Trigger,
 }
 
 impl Rig {

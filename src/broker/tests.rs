@@ -16,11 +16,7 @@ use crate::shutdown::Shutdown;
 use crate::wire::packet::{ProtocolVersion, QoS, RetainHandling, Will};
 
 /// A broker journaling to a recording, and its timer task running.
-fn broker() -> (
-    Arc<Broker>,
-    Arc<Recording>,
-    tokio::sync::watch::Sender<bool>,
-) {
+fn broker() -> (Arc<Broker>, Arc<Recording>, crate::shutdown::Trigger) {
     let rec = Recording::new();
     let broker = Broker::with_journal(Arc::new(Config::default()), rec.clone());
     let (stop, shutdown) = Shutdown::new();

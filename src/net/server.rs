@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::broker::Broker;
 use crate::config::{Config, ListenerSpec};
 use crate::net::connection;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, Trigger};
 use crate::transport::tls::TlsError;
 use crate::transport::Endpoint;
 
@@ -153,7 +153,7 @@ async fn serve_listener(listener: Listener, broker: Arc<Broker>, mut shutdown: S
     while tasks.join_next().await.is_some() {}
 }
 
-async fn stop(notify_tx: watch::Sender<bool>, mut tasks: JoinSet<()>) {
+async fn stop(notify_tx: Trigger, mut tasks: JoinSet<()>) {
     let _ = notify_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while tasks.join_next().await.is_some() {}
@@ -196,9 +196,8 @@ async fn accept_loop(
         let broker = broker.clone();
         let shutdown = shutdown.clone();
         let endpoint = listener.endpoint.clone();
-        tasks.spawn(async move {
-            connection::serve(stream, peer, broker, shutdown, endpoint).await;
-            drop(permit);
-        });
+        tasks.spawn(connection::serve(
+            stream, peer, broker, shutdown, endpoint, permit,
+        ));
     }
 }

@@ -501,7 +501,8 @@ impl Mailbox {
         std::future::poll_fn(|cx| self.poll_notified(cx)).await
     }
 
-    fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// [`Mailbox::notified`] as a poll, for the owning connection task's one wait.
+    pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut q = self.lock();
         if std::mem::take(&mut q.pushed) {
             return Poll::Ready(());

@@ -148,20 +148,23 @@ pub struct ControlRx(Arc<Mutex<ControlState>>);
 impl ControlRx {
     /// The next request; `None` once every sender is gone and nothing is queued.
     pub async fn recv(&mut self) -> Option<Control> {
-        std::future::poll_fn(|cx| {
-            let mut s = lock_control(&self.0);
-            if let Some(c) = s.queue.pop_front() {
-                return Poll::Ready(Some(c));
-            }
-            if s.senders == 0 {
-                return Poll::Ready(None);
-            }
-            if !s.waiter.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                s.waiter = Some(cx.waker().clone());
-            }
-            Poll::Pending
-        })
-        .await
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`ControlRx::recv`] as a poll, for a task that waits on several things in one poll
+    /// (no future of its own to keep).
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<Control>> {
+        let mut s = lock_control(&self.0);
+        if let Some(c) = s.queue.pop_front() {
+            return Poll::Ready(Some(c));
+        }
+        if s.senders == 0 {
+            return Poll::Ready(None);
+        }
+        if !s.waiter.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            s.waiter = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
