@@ -47,6 +47,9 @@ pub const LINGER: Duration = Duration::from_secs(2);
 pub const REFUSE_LINGER: Duration = Duration::from_millis(500);
 /// Pause between two claims of a Client ID whose takeover is already in progress.
 const BUSY_RETRY: Duration = Duration::from_millis(5);
+/// How long a connection ending while its slot is being taken over waits for the taker's
+/// request before it looks at the slot again.
+const HANDOVER_RECHECK: Duration = Duration::from_millis(50);
 /// Read buffer growth step.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -1216,15 +1219,27 @@ async fn finish_now(
                 // The request was queued before the slot changed, so it is there to take
                 // (behind any admin requests, which are dropped unanswered).
                 session = s;
+                // Bounded: the request may already have been taken by the main loop and
+                // ignored there (its asker had given up), and the asker may not yet have
+                // restored our slot. Then the slot is asked again after a short wait, which
+                // finds it restored (or handed to yet another taker).
+                let mut ask_again = false;
                 loop {
-                    match control_rx.recv().await {
-                        Some(Control::TakeOver(r)) => {
+                    match timeout(HANDOVER_RECHECK, control_rx.recv()).await {
+                        Ok(Some(Control::TakeOver(r))) => {
                             reply = Some(r);
                             break;
                         }
-                        Some(Control::Snapshot(_) | Control::Kick) => continue,
-                        None => break,
+                        Ok(Some(Control::Snapshot(_) | Control::Kick)) => continue,
+                        Ok(None) => break,
+                        Err(_) => {
+                            ask_again = true;
+                            break;
+                        }
                     }
+                }
+                if ask_again {
+                    continue;
                 }
                 if reply.is_none() {
                     if let Parked::Ended(s) | Parked::Stale(s) =

@@ -309,9 +309,11 @@ impl Conn {
                 discarded(s, &d);
                 continue;
             }
+            // Counted before the inflight window takes its copy of a QoS 1/2 delivery.
+            let solo = Arc::strong_count(&d.msg) == 1;
             let (packet_id, d) = s.begin_delivery(d);
             let qos = d.qos;
-            let sent = match self.send_shared(&d, packet_id) {
+            let sent = match self.send_shared(&d, packet_id, solo) {
                 Some(sent) => sent,
                 None => {
                     let mut publish = outbound_publish(&d, packet_id, false, self.protocol, now);
@@ -342,12 +344,20 @@ impl Conn {
     /// payload copied by nobody (`OutBuf::put_payload`). `None` when this delivery's bytes
     /// differ from the shared ones beyond the flags and packet id (see
     /// `Delivery::shared_header`; a connection using topic aliases changes the topic too): the
-    /// caller encodes it by itself. Otherwise whether it was written, as for `send`.
-    fn send_shared(&mut self, d: &Delivery, packet_id: u16) -> Option<bool> {
+    /// caller encodes it by itself. Otherwise whether it was written, as for `send`. `solo`:
+    /// no other delivery held the message when this one was taken from the queue.
+    fn send_shared(&mut self, d: &Delivery, packet_id: u16, solo: bool) -> Option<bool> {
         if self.aliases_out.is_some() || !d.shares_header(self.protocol) {
             return None;
         }
-        let written = if Arc::strong_count(&d.msg) == 1 {
+        // One allocation for what follows, not a doubling from nothing when the buffer was
+        // given back (an idle connection holds none): the header's fields, and the payload
+        // when it is copied.
+        let m = &d.msg;
+        self.out
+            .buf_mut()
+            .reserve(m.size() - m.payload.len() + OutBuf::copied_len(m.payload.len()) + 16);
+        let written = if solo {
             // No other delivery holds the message (fan-in, one subscriber): a kept header
             // would serve nobody, so this one is written straight into the output.
             let m = &d.msg;
@@ -1048,6 +1058,54 @@ mod tests {
 
     fn queue(s: &Session, d: Delivery, stats: &Stats) {
         assert!(matches!(s.mailbox.push(d, stats), Pushed::Queued));
+    }
+
+    /// A message only its delivery holds (fan-in) is written without keeping a header for
+    /// nobody, at QoS 1/2 too, where the inflight window takes a copy of the delivery; and
+    /// a message whose topic and properties are over `SHARED_HEADER_MAX` keeps none even when
+    /// it goes to several clients (a kept header is memory no limit counts).
+    #[test]
+    fn solo_deliveries_and_large_headers_keep_no_shared_header() {
+        let now = Instant::now();
+        for version in VERSIONS {
+            let (mut c, mut s) = conn(version, ConnectProperties::default());
+            let stats = Stats::default();
+            for qos in QOS {
+                let solo = message(properties(), 40, now);
+                let d = delivery(&solo, qos, false, vec![]);
+                drop(solo);
+                queue(&s, d, &stats);
+            }
+            c.pump(&mut s, now);
+            assert_eq!(decode_all(flat(&c.out), version).len(), 3);
+            let kept: Vec<String> = s
+                .inflight()
+                .map(|i| format!("{:?}", i.delivery.msg.encoded))
+                .collect();
+            assert_eq!(kept, ["EncodedHeaders(0 encoded)"; 2], "{version:?}");
+
+            let (mut c, mut s) = conn(version, ConnectProperties::default());
+            let large = message(
+                PublishProperties {
+                    user_properties: vec![(
+                        "k".into(),
+                        "v".repeat(crate::wire::message::SHARED_HEADER_MAX),
+                    )],
+                    ..properties()
+                },
+                40,
+                now,
+            );
+            queue(
+                &s,
+                delivery(&large, QoS::AtLeastOnce, false, vec![]),
+                &stats,
+            );
+            c.pump(&mut s, now);
+            let got = decode_all(flat(&c.out), version);
+            assert_eq!(got.len(), 1);
+            assert_eq!(format!("{:?}", large.encoded), "EncodedHeaders(0 encoded)");
+        }
     }
 
     /// What a client receives through `pump`, compared with the PUBLISH each delivery would be

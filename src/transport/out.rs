@@ -58,6 +58,15 @@ impl OutBuf {
         &mut self.tail
     }
 
+    /// Bytes `put_payload` copies into the output for a payload of `len` bytes.
+    pub fn copied_len(len: usize) -> usize {
+        if len < SHARE_PAYLOAD_FROM {
+            len
+        } else {
+            0
+        }
+    }
+
     /// Append a payload: a short one is copied, a long one is referenced (no copy).
     pub fn put_payload(&mut self, payload: &Bytes) {
         if payload.len() < SHARE_PAYLOAD_FROM {

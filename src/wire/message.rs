@@ -164,6 +164,10 @@ impl Message {
     }
 }
 
+/// The largest topic and properties (bytes, as `Message::size` counts them) whose PUBLISH
+/// header a message keeps for sharing among its deliveries.
+pub const SHARED_HEADER_MAX: usize = 1024;
+
 /// One message on its way to one session: the shared message plus what differs per subscriber.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
@@ -208,10 +212,13 @@ impl Delivery {
     /// packet id, followed by the payload (see `shared_header`).
     pub fn shares_header(&self, version: ProtocolVersion) -> bool {
         let p = &self.msg.properties;
-        !(version.is_v5()
-            && (!self.subscription_ids.is_empty()
-                || self.msg.expires_at.is_some()
-                || !p.subscription_identifiers.is_empty()
-                || p.topic_alias.is_some()))
+        // A kept header is memory no limit counts (queues and the retained store charge
+        // `Message::size` once): only small ones are kept, larger ones encoded per delivery.
+        self.msg.size() - self.msg.payload.len() <= SHARED_HEADER_MAX
+            && !(version.is_v5()
+                && (!self.subscription_ids.is_empty()
+                    || self.msg.expires_at.is_some()
+                    || !p.subscription_identifiers.is_empty()
+                    || p.topic_alias.is_some()))
     }
 }
